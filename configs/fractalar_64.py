@@ -1,0 +1,14 @@
+"""FractalAR, ImageNet 64x64 (official `fractalar_in64`): 442,068,224 parameters."""
+
+from fractal_jax.config_base import base_config
+
+
+def get_config():
+  config = base_config()
+  config.model.img_size_list = (64, 4, 1)
+  config.model.widths = (1024, 512, 128)
+  config.model.depths = (32, 8, 3)
+  config.model.heads = (16, 8, 4)
+  config.model.types = ("ar", "ar", "pixel")
+  config.model.num_conds = 1
+  return config

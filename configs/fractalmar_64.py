@@ -1,0 +1,14 @@
+"""FractalMAR, ImageNet 64x64 (official `fractalmar_in64`): 431,995,648 parameters."""
+
+from fractal_jax.config_base import base_config
+
+
+def get_config():
+  config = base_config()
+  config.model.img_size_list = (64, 4, 1)
+  config.model.widths = (1024, 512, 128)
+  config.model.depths = (32, 8, 3)
+  config.model.heads = (16, 8, 4)
+  config.model.types = ("mar", "mar", "pixel")
+  config.model.num_conds = 5
+  return config

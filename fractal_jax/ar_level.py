@@ -1,0 +1,67 @@
+"""The AR generator level (LlamaGen-style, causal, raster order).
+
+Dimension letters: N items, L patches, D width, Dc condition width,
+P* = 3 * patch_size**2 patch vector length.
+
+Tokens `[cond_emb(cond), patch_emb(patch_1 .. patch_{L-1})]`, plus learned
+positions, LayerNorm, causal `LlamaBlock`s with the official 2-D rotary
+embedding, final LayerNorm. Output position t is the condition of patch t
+(teacher forcing). The official code also feeds patch_L, whose output it
+drops; under causal attention leaving it out changes nothing and saves a
+token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fractal_jax import blocks, rotary
+from fractal_jax.model_config import LevelSpec
+
+
+class ARLevel(nn.Module):
+  spec: LevelSpec
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scan: bool = True
+  remat: str = "none"
+
+  def setup(self) -> None:
+    spec = self.spec
+    self.patch_emb = blocks.dense(spec.width, self.dtype, self.param_dtype)
+    self.patch_emb_ln = blocks.layer_norm(self.dtype, self.param_dtype)
+    self.cond_emb = blocks.dense(spec.width, self.dtype, self.param_dtype)
+    self.pos_embed_learned = self.param(
+      "pos_embed_learned", nn.initializers.normal(0.02), (1, spec.seq_len + 1, spec.width), self.param_dtype
+    )
+    block_kwargs = dict(width=spec.width, heads=spec.heads, dtype=self.dtype, param_dtype=self.param_dtype)
+    self.layers = blocks.BlockStack(blocks.LlamaBlock, block_kwargs, spec.depth, self.scan, self.remat)
+    self.norm = blocks.layer_norm(self.dtype, self.param_dtype)
+
+  def rotary_table(self) -> jax.Array:
+    """[L+1, H/2, 2] float32; row 0 (condition token) is zeros."""
+    return jnp.asarray(rotary.rotary_table(self.spec.grid_size, self.spec.head_dim))
+
+  def __call__(self, patches: jax.Array, conds: list[jax.Array], deterministic: bool = True) -> jax.Array:
+    """Teacher-forced conditions for every patch.
+
+    Args:
+      patches: [N, L, P*] ground-truth patches, raster order.
+      conds: list whose first entry [N, Dc] is this level's condition.
+      deterministic: no dropout (evaluation).
+
+    Returns:
+      [N, L, D]: position t is the condition for patch t.
+    """
+    length = self.spec.seq_len
+    x = self.patch_emb(patches[:, : length - 1])
+    cond = self.cond_emb(conds[0])[:, None]
+    x = jnp.concatenate([cond, x], axis=1)  # [N, L, D]
+    x = x + self.pos_embed_learned[:, :length].astype(x.dtype)
+    x = self.patch_emb_ln(x)
+    x = self.layers(x, self.rotary_table()[:length], deterministic)
+    return self.norm(x)

@@ -1,0 +1,271 @@
+"""Transformer blocks and the scanned block stack.
+
+Dimension letters: B batch, L sequence, D width, N heads, H head width.
+
+Two block families, named as in the official code so that weights map
+one-to-one:
+  * `LlamaBlock` (AR levels, LlamaGen-style): RMSNorm, fused `wqkv` and `wo`
+    without bias, 2-D rotary, SwiGLU MLP without bias; residual and MLP
+    dropout fixed at 0.1 as in the official AR (it ignores the dropout flags).
+  * `TimmBlock` (MAR levels and pixel heads, timm ViT-style): LayerNorm,
+    `qkv` and `proj` with bias, GELU (erf) MLP x4; dropout on the attention
+    probabilities, after `proj`, after the GELU and after `fc2`.
+
+`BlockStack` stacks `depth` blocks with `nn.scan` (parameters get a leading
+`[depth]` axis), optionally under `nn.remat` with a policy chosen by name.
+With `scan=False` it applies blocks `blocks_0 .. blocks_{depth-1}` in a Python
+loop; `stack_block_params` / `unstack_block_params` move parameters between
+the two layouts, and the two paths compute the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fractal_jax import attention, rotary
+
+Dtype = Any
+
+xavier = nn.initializers.xavier_uniform()
+
+
+def dense(features: int, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True, name: str | None = None) -> nn.Dense:
+  """A Linear layer initialised like the official code (xavier-uniform, zero bias)."""
+  return nn.Dense(
+    features,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    kernel_init=xavier,
+    bias_init=nn.initializers.zeros,
+    name=name,
+  )
+
+
+def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class RMSNorm(nn.Module):
+  """RMSNorm as LlamaGen: normalise in float32, cast back, then scale."""
+
+  epsilon: float = 1e-5
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.epsilon)
+    return normed.astype(x.dtype) * scale.astype(x.dtype)
+
+
+def swiglu_hidden(width: int) -> int:
+  """LlamaGen's SwiGLU width: int(2 * 4D / 3) rounded up to a multiple of 256."""
+  hidden = int(2 * (4 * width) / 3)
+  return -(-hidden // 256) * 256
+
+
+class LlamaAttention(nn.Module):
+  width: int
+  heads: int
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, table: jax.Array) -> jax.Array:
+    """x [B, L, D], table [L, H/2, 2] -> [B, L, D] (causal)."""
+    batch, length, _ = x.shape
+    head_dim = self.width // self.heads
+    qkv = dense(3 * self.width, self.dtype, self.param_dtype, use_bias=False, name="wqkv")(x)
+    q, k, v = jnp.split(qkv.reshape(batch, length, 3, self.heads, head_dim), 3, axis=2)
+    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    q = rotary.apply_rotary(q, table)
+    k = rotary.apply_rotary(k, table)
+    out = attention.dot_product_attention(q, k, v, causal=True)
+    out = out.reshape(batch, length, self.width)
+    return dense(self.width, self.dtype, self.param_dtype, use_bias=False, name="wo")(out)
+
+
+class SwiGLU(nn.Module):
+  width: int
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    hidden = swiglu_hidden(self.width)
+    gate = dense(hidden, self.dtype, self.param_dtype, use_bias=False, name="w1")(x)
+    up = dense(hidden, self.dtype, self.param_dtype, use_bias=False, name="w3")(x)
+    return dense(self.width, self.dtype, self.param_dtype, use_bias=False, name="w2")(nn.silu(gate) * up)
+
+
+class LlamaBlock(nn.Module):
+  """Pre-norm causal block of the AR levels. Call: (x [B, L, D], table) -> (x, None)."""
+
+  width: int
+  heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  deterministic: bool = True
+  resid_dropout: float = 0.1  # official AR: fixed, whatever the flags say
+  ffn_dropout: float = 0.1
+
+  @nn.compact
+  def __call__(self, x: jax.Array, table: jax.Array) -> tuple[jax.Array, None]:
+    attn = LlamaAttention(self.width, self.heads, self.dtype, self.param_dtype, name="attention")
+    h = RMSNorm(param_dtype=self.param_dtype, name="attention_norm")(x)
+    h = nn.Dropout(self.resid_dropout)(attn(h, table), deterministic=self.deterministic)
+    x = x + h
+    h = RMSNorm(param_dtype=self.param_dtype, name="ffn_norm")(x)
+    h = SwiGLU(self.width, self.dtype, self.param_dtype, name="feed_forward")(h)
+    x = x + nn.Dropout(self.ffn_dropout)(h, deterministic=self.deterministic)
+    return x, None
+
+
+class TimmAttention(nn.Module):
+  width: int
+  heads: int
+  causal: bool
+  attn_dropout: float
+  proj_dropout: float
+  deterministic: bool
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, length, _ = x.shape
+    head_dim = self.width // self.heads
+    qkv = dense(3 * self.width, self.dtype, self.param_dtype, name="qkv")(x)
+    qkv = qkv.reshape(batch, length, 3, self.heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    probs_dropout = None
+    if self.attn_dropout > 0 and not self.deterministic:
+      probs_dropout = nn.Dropout(self.attn_dropout, deterministic=False)
+    out = attention.dot_product_attention(q, k, v, causal=self.causal, probs_dropout=probs_dropout)
+    out = dense(self.width, self.dtype, self.param_dtype, name="proj")(out.reshape(batch, length, self.width))
+    return nn.Dropout(self.proj_dropout)(out, deterministic=self.deterministic)
+
+
+class TimmMlp(nn.Module):
+  width: int
+  dropout: float
+  deterministic: bool
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = dense(4 * self.width, self.dtype, self.param_dtype, name="fc1")(x)
+    h = nn.Dropout(self.dropout)(nn.gelu(h, approximate=False), deterministic=self.deterministic)
+    h = dense(self.width, self.dtype, self.param_dtype, name="fc2")(h)
+    return nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
+
+
+class TimmBlock(nn.Module):
+  """Pre-norm ViT block of MAR levels and pixel heads. Call: (x [B, L, D], _) -> (x, None)."""
+
+  width: int
+  heads: int
+  causal: bool = False
+  attn_dropout: float = 0.0
+  proj_dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, unused: Any = None) -> tuple[jax.Array, None]:
+    del unused
+    h = layer_norm(self.dtype, self.param_dtype, name="norm1")(x)
+    x = x + TimmAttention(
+      self.width,
+      self.heads,
+      self.causal,
+      self.attn_dropout,
+      self.proj_dropout,
+      self.deterministic,
+      self.dtype,
+      self.param_dtype,
+      name="attn",
+    )(h)
+    h = layer_norm(self.dtype, self.param_dtype, name="norm2")(x)
+    mlp = TimmMlp(self.width, self.proj_dropout, self.deterministic, self.dtype, self.param_dtype, name="mlp")
+    return x + mlp(h), None
+
+
+def remat_policy(name: str) -> Any:
+  """Maps a config name to a `jax.checkpoint_policies` policy ("full" saves nothing)."""
+  if name == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  return getattr(jax.checkpoint_policies, name)
+
+
+class BlockStack(nn.Module):
+  """`depth` blocks of `block_cls(**block_kwargs)`, scanned or looped.
+
+  Call: (x [B, L, D], extra, deterministic) -> x [B, L, D]; `extra` (a
+  rotary table or None) is passed unchanged to every block; `deterministic`
+  switches dropout off (it becomes each block's attribute).
+  """
+
+  block_cls: type[nn.Module]
+  block_kwargs: Mapping[str, Any]
+  depth: int
+  scan: bool = True
+  remat: str = "none"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, extra: Any = None, deterministic: bool = True) -> jax.Array:
+    block_cls = self.block_cls
+    kwargs = dict(self.block_kwargs, deterministic=deterministic)
+    if self.remat != "none":
+      # prevent_cse is only needed outside scan (scan already prevents CSE across steps).
+      block_cls = nn.remat(block_cls, policy=remat_policy(self.remat), prevent_cse=not self.scan)
+    if self.scan:
+      stack = nn.scan(
+        block_cls,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=nn.broadcast,
+        length=self.depth,
+      )
+      x, _ = stack(**kwargs, name="blocks")(x, extra)
+      return x
+    for i in range(self.depth):
+      x, _ = block_cls(**kwargs, name=f"blocks_{i}")(x, extra)
+    return x
+
+
+def unstack_block_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Scanned layout (`blocks` with a leading [depth] axis) -> `blocks_0 ..`, recursively."""
+  out: dict[str, Any] = {}
+  for key, value in params.items():
+    if key == "blocks" and isinstance(value, Mapping):
+      depth = jax.tree.leaves(value)[0].shape[0]
+      for i in range(depth):
+        out[f"blocks_{i}"] = jax.tree.map(lambda a, i=i: a[i], dict(value))
+    elif isinstance(value, Mapping):
+      out[key] = unstack_block_params(value)
+    else:
+      out[key] = value
+  return out
+
+
+def stack_block_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Inverse of `unstack_block_params`."""
+  out: dict[str, Any] = {}
+  per_block = sorted((k for k in params if k.startswith("blocks_")), key=lambda k: int(k.split("_")[1]))
+  if per_block:
+    out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[dict(params[k]) for k in per_block])
+  for key, value in params.items():
+    if key in per_block:
+      continue
+    out[key] = stack_block_params(value) if isinstance(value, Mapping) else value
+  return out

@@ -1,0 +1,37 @@
+"""Defaults shared by every config file in `configs/`.
+
+A config file calls `base_config()` and sets the model tuples; every field
+can be overridden on the command line (`--config.model.depths="(4,2,1)"`,
+`--config.model.dtype=bfloat16`). Per-level tuples line up as documented in
+`fractal_jax.model_config`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.model = ml_collections.ConfigDict(
+    dict(
+      img_size_list=(64, 4, 1),
+      widths=(1024, 512, 128),
+      depths=(32, 8, 3),
+      heads=(16, 8, 4),
+      types=("ar", "ar", "pixel"),
+      num_conds=1,  # conditions a MAR level prepends (1..5: middle, top, right, bottom, left)
+      guiding_pixel=False,  # MAR levels >= 1 model the patch's mean colour first
+      num_classes=1000,
+      label_drop_prob=0.1,  # classifier-free guidance: P(label -> "no class") in training
+      attn_dropout=0.1,  # MAR levels only (the official AR fixes its own dropout)
+      proj_dropout=0.1,
+      r_weight=5.0,  # training weight of the red channel's cross-entropy
+      dtype="float32",  # compute dtype; "bfloat16" for mixed precision
+      param_dtype="float32",  # storage dtype of the parameters
+      scan_blocks=True,  # nn.scan over the blocks of each level (False: a Python loop)
+      remat_policy="none",  # "none", "full" or a jax.checkpoint_policies name
+    )
+  )
+  return config

@@ -1,0 +1,115 @@
+"""The pixel level: R, G, B of one pixel, causally, from one condition.
+
+Dimension letters: N items (pixels), W width, V = 256 values per channel.
+
+Tokens are `[cond_proj(cond), R_emb(r), G_emb(g)]` (the official code also
+appends `B_emb(b)`, whose output is never read; with causal attention
+dropping it changes nothing), then LayerNorm, causal timm blocks without
+dropout and a final LayerNorm. The logits of channel c come from position c,
+`x @ codebook_c.T + bias_c` in float32: the output layer is tied to that
+channel's input codebook. The same module models the guiding pixel (a
+patch's mean colour) of MAR levels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from fractal_jax import blocks
+
+PIXEL_MEAN = (0.485, 0.456, 0.406)
+PIXEL_STD = (0.229, 0.224, 0.225)
+NUM_VALUES = 256
+CHANNELS = ("r", "g", "b")
+
+
+def pixel_targets(pixels: jax.Array, noise: jax.Array | None) -> jax.Array:
+  """Normalised RGB -> int32 ids in 0..255, as the official code.
+
+  `round(255 * (x * std + mean) + 0.01 * noise)`: the tiny Gaussian noise
+  breaks rounding ties (it is drawn at evaluation too).
+
+  Args:
+    pixels: [N, 3] float, ImageNet-normalised.
+    noise: [N, 3] standard normal, or None for none.
+  """
+  mean = jnp.asarray(PIXEL_MEAN, jnp.float32)
+  std = jnp.asarray(PIXEL_STD, jnp.float32)
+  values = pixels.astype(jnp.float32) * std + mean
+  values = values * 255.0
+  if noise is not None:
+    values = values + 1e-2 * noise.astype(jnp.float32)
+  return jnp.clip(jnp.round(values), 0, NUM_VALUES - 1).astype(jnp.int32)
+
+
+def ids_to_pixels(ids: jax.Array) -> jax.Array:
+  """int ids [..., 3] -> ImageNet-normalised float32 values."""
+  mean = jnp.asarray(PIXEL_MEAN, jnp.float32)
+  std = jnp.asarray(PIXEL_STD, jnp.float32)
+  return (ids.astype(jnp.float32) / 255.0 - mean) / std
+
+
+class PixelHead(nn.Module):
+  """Call: (cond [N, Dc], ids [N, 3] int) -> logits [N, 3, 256] float32.
+
+  Logits of channel c depend on cond and ids[:, :c] only; ids[:, 2] is unused.
+  """
+
+  width: int
+  depth: int
+  heads: int
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  scan: bool = True
+  remat: str = "none"
+
+  @nn.compact
+  def __call__(self, cond: jax.Array, ids: jax.Array) -> jax.Array:
+    emb_init = nn.initializers.normal(0.02)
+    codebooks = [
+      self.param(f"{c}_codebook", emb_init, (NUM_VALUES, self.width), self.param_dtype) for c in CHANNELS
+    ]
+    tokens = [blocks.dense(self.width, self.dtype, self.param_dtype, name="cond_proj")(cond)]
+    tokens += [jnp.take(codebooks[c], ids[:, c], axis=0).astype(self.dtype) for c in range(2)]
+    x = jnp.stack(tokens, axis=1)  # [N, 3, W]
+    x = blocks.layer_norm(self.dtype, self.param_dtype, name="ln")(x)
+    x = blocks.BlockStack(
+      blocks.TimmBlock,
+      dict(width=self.width, heads=self.heads, causal=True, dtype=self.dtype, param_dtype=self.param_dtype),
+      depth=self.depth,
+      scan=self.scan,
+      remat=self.remat,
+      name="layers",
+    )(x)
+    x = blocks.layer_norm(self.dtype, self.param_dtype, name="norm")(x).astype(jnp.float32)
+    logits = []
+    for c, name in enumerate(CHANNELS):
+      bias = self.param(f"{name}_mlm_bias", nn.initializers.zeros, (1, NUM_VALUES), self.param_dtype)
+      logits.append(x[:, c] @ codebooks[c].astype(jnp.float32).T + bias.astype(jnp.float32))
+    return jnp.stack(logits, axis=1)
+
+
+def pixel_losses(logits: jax.Array, targets: jax.Array, r_weight: float, train: bool) -> tuple[jax.Array, jax.Array]:
+  """Per-item loss and per-channel cross-entropy.
+
+  Training weights red: `(r_weight * CE_R + CE_G + CE_B) / (r_weight + 2)`;
+  evaluation (NLL) weighs the channels equally.
+
+  Args:
+    logits: [N, 3, 256] float32.
+    targets: [N, 3] int.
+
+  Returns:
+    (loss [N], cross_entropy [N, 3]), float32, in nats.
+  """
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  if train:
+    loss = (r_weight * ce[:, 0] + ce[:, 1] + ce[:, 2]) / (r_weight + 2.0)
+  else:
+    loss = ce.mean(axis=-1)
+  return loss, ce
