@@ -6,9 +6,9 @@ from fractal_jax.config_base import base_config
 def get_config():
   config = base_config()
   config.model.img_size_list = (256, 16, 4, 1)
-  config.model.widths = (1024,512,256,64)
-  config.model.depths = (32,8,4,1)
-  config.model.heads = (16,8,4,4)
+  config.model.widths = (1024, 512, 256, 64)
+  config.model.depths = (32, 8, 4, 1)
+  config.model.heads = (16, 8, 4, 4)
   config.model.types = ("mar", "mar", "mar", "pixel")
   config.model.num_conds = 5
   config.model.guiding_pixel = True

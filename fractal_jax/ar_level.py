@@ -65,3 +65,30 @@ class ARLevel(nn.Module):
     x = self.patch_emb_ln(x)
     x = self.layers(x, self.rotary_table()[:length], deterministic)
     return self.norm(x)
+
+  def init_cache(self, batch: int) -> blocks.KVCache:
+    """Empty KV cache [depth, B, L, N, H] for keys and values, in the compute dtype."""
+    spec = self.spec
+    shape = (spec.depth, batch, spec.seq_len, spec.heads, spec.head_dim)
+    return blocks.KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+
+  def decode_step(
+    self, cond: jax.Array, previous_patch: jax.Array, position: jax.Array, cache: blocks.KVCache
+  ) -> tuple[jax.Array, blocks.KVCache]:
+    """One cached decoding step: the condition of patch `position`.
+
+    Args:
+      cond: [B, Dc] this level's condition (the input token at position 0).
+      previous_patch: [B, P*] patch `position - 1` (the input token at later positions).
+      position: int32 scalar in 0..L-1.
+      cache: keys and values [depth, B, L, N, H] of positions < `position`.
+
+    Returns:
+      ([B, D] the output at `position`, the cache with `position` written).
+    """
+    token = jnp.where(position == 0, self.cond_emb(cond), self.patch_emb(previous_patch))[:, None]
+    pos = jax.lax.dynamic_slice_in_dim(self.pos_embed_learned[0], position, 1)  # [1, D]
+    token = self.patch_emb_ln(token + pos.astype(token.dtype))
+    row = jax.lax.dynamic_slice_in_dim(self.rotary_table(), position, 1)  # [1, H/2, 2]
+    x, cache = self.layers(token, blocks.DecodeInputs(row, position), True, cache)
+    return self.norm(x)[:, 0], cache

@@ -21,7 +21,7 @@ the two layouts, and the two paths compute the same function.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -32,6 +32,20 @@ from fractal_jax import attention, rotary
 Dtype = Any
 
 xavier = nn.initializers.xavier_uniform()
+
+
+class KVCache(NamedTuple):
+  """Keys and values of the positions decoded so far: [B, S, N, H] each ([depth, ...] stacked)."""
+
+  k: jax.Array
+  v: jax.Array
+
+
+class DecodeInputs(NamedTuple):
+  """What every AR block needs for one cached decoding step."""
+
+  table: jax.Array  # [1, H/2, 2] rotary row of the token
+  position: jax.Array  # int32 scalar
 
 
 def dense(features: int, dtype: Dtype, param_dtype: Dtype, use_bias: bool = True, name: str | None = None) -> nn.Dense:
@@ -78,18 +92,38 @@ class LlamaAttention(nn.Module):
   param_dtype: Dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array, table: jax.Array) -> jax.Array:
-    """x [B, L, D], table [L, H/2, 2] -> [B, L, D] (causal)."""
+  def __call__(
+    self, x: jax.Array, table: jax.Array, cache: KVCache | None = None, position: jax.Array | None = None
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Causal attention, teacher-forced or one decoding step.
+
+    Args:
+      x: [B, T, D] tokens (T = 1 when decoding).
+      table: [T, H/2, 2] rotary rows of these tokens.
+      cache: None, or keys and values [B, S, N, H] of earlier positions.
+      position: int32 scalar, the position of x's token when decoding.
+
+    Returns:
+      ([B, T, D], the cache with this token's key and value written at `position`).
+    """
     batch, length, _ = x.shape
     head_dim = self.width // self.heads
     qkv = dense(3 * self.width, self.dtype, self.param_dtype, use_bias=False, name="wqkv")(x)
-    q, k, v = jnp.split(qkv.reshape(batch, length, 3, self.heads, head_dim), 3, axis=2)
-    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
+    qkv = qkv.reshape(batch, length, 3, self.heads, head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     q = rotary.apply_rotary(q, table)
     k = rotary.apply_rotary(k, table)
-    out = attention.dot_product_attention(q, k, v, causal=True)
+    if cache is None:
+      out = attention.dot_product_attention(q, k, v, causal=True)
+    else:
+      start = (0, position, 0, 0)
+      keys = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
+      values = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+      cache = KVCache(keys, values)
+      valid = jnp.full((batch,), position + 1, jnp.int32)  # keys 0..position
+      out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), key_value_seq_lengths=valid)
     out = out.reshape(batch, length, self.width)
-    return dense(self.width, self.dtype, self.param_dtype, use_bias=False, name="wo")(out)
+    return dense(self.width, self.dtype, self.param_dtype, use_bias=False, name="wo")(out), cache
 
 
 class SwiGLU(nn.Module):
@@ -117,15 +151,21 @@ class LlamaBlock(nn.Module):
   ffn_dropout: float = 0.1
 
   @nn.compact
-  def __call__(self, x: jax.Array, table: jax.Array) -> tuple[jax.Array, None]:
+  def __call__(
+    self, x: jax.Array, extra: jax.Array | DecodeInputs, cache: KVCache | None = None
+  ) -> tuple[jax.Array, KVCache | None]:
+    """extra: the rotary table [L, H/2, 2], or `DecodeInputs` with this layer's `cache`."""
     attn = LlamaAttention(self.width, self.heads, self.dtype, self.param_dtype, name="attention")
     h = RMSNorm(param_dtype=self.param_dtype, name="attention_norm")(x)
-    h = nn.Dropout(self.resid_dropout)(attn(h, table), deterministic=self.deterministic)
-    x = x + h
+    if cache is None:
+      h, _ = attn(h, extra)
+    else:
+      h, cache = attn(h, extra.table, cache, extra.position)
+    x = x + nn.Dropout(self.resid_dropout)(h, deterministic=self.deterministic)
     h = RMSNorm(param_dtype=self.param_dtype, name="ffn_norm")(x)
     h = SwiGLU(self.width, self.dtype, self.param_dtype, name="feed_forward")(h)
     x = x + nn.Dropout(self.ffn_dropout)(h, deterministic=self.deterministic)
-    return x, None
+    return x, cache
 
 
 class TimmAttention(nn.Module):
@@ -181,8 +221,8 @@ class TimmBlock(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, unused: Any = None) -> tuple[jax.Array, None]:
-    del unused
+  def __call__(self, x: jax.Array, unused: Any = None, per_layer: None = None) -> tuple[jax.Array, None]:
+    del unused, per_layer
     h = layer_norm(self.dtype, self.param_dtype, name="norm1")(x)
     x = x + TimmAttention(
       self.width,
@@ -222,7 +262,12 @@ class BlockStack(nn.Module):
   remat: str = "none"
 
   @nn.compact
-  def __call__(self, x: jax.Array, extra: Any = None, deterministic: bool = True) -> jax.Array:
+  def __call__(self, x: jax.Array, extra: Any = None, deterministic: bool = True, per_layer: Any = None) -> Any:
+    """Returns x [B, L, D], or (x, per_layer outputs stacked [depth, ...]) when `per_layer` is given.
+
+    `per_layer` (e.g. a KV cache `[depth, B, S, N, H]`) is sliced along its
+    leading axis: block i gets slice i and returns its update.
+    """
     block_cls = self.block_cls
     kwargs = dict(self.block_kwargs, deterministic=deterministic)
     if self.remat != "none":
@@ -233,14 +278,18 @@ class BlockStack(nn.Module):
         block_cls,
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=nn.broadcast,
+        in_axes=(nn.broadcast, 0),
         length=self.depth,
       )
-      x, _ = stack(**kwargs, name="blocks")(x, extra)
-      return x
-    for i in range(self.depth):
-      x, _ = block_cls(**kwargs, name=f"blocks_{i}")(x, extra)
-    return x
+      x, outputs = stack(**kwargs, name="blocks")(x, extra, per_layer)
+    else:
+      outputs = []
+      for i in range(self.depth):
+        layer_input = None if per_layer is None else jax.tree.map(lambda a, i=i: a[i], per_layer)
+        x, out = block_cls(**kwargs, name=f"blocks_{i}")(x, extra, layer_input)
+        outputs.append(out)
+      outputs = None if per_layer is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
+    return x if per_layer is None else (x, outputs)
 
 
 def unstack_block_params(params: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,3 +35,17 @@ def base_config() -> ml_collections.ConfigDict:
     )
   )
   return config
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """Loads `get_config()` of a config file, as `--config=<path>` does."""
+  import importlib.util
+  import pathlib
+
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise FileNotFoundError(f"config file {path!r} not found; the configs live in configs/ (e.g. configs/tiny.py).")
+  spec = importlib.util.spec_from_file_location(f"fractal_config_{file.stem}", file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()

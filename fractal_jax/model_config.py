@@ -32,12 +32,12 @@ PIXEL_TYPE = "pixel"
 MAX_CONDS = 5  # middle, top, right, bottom, left
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = (
-    "none",
-    "full",
-    "dots_saveable",
-    "dots_with_no_batch_dims_saveable",
-    "nothing_saveable",
-    "everything_saveable",
+  "none",
+  "full",
+  "dots_saveable",
+  "dots_with_no_batch_dims_saveable",
+  "nothing_saveable",
+  "everything_saveable",
 )
 # The guiding-pixel head is fixed in the official code, whatever the config.
 GUIDING_HEAD = dict(width=128, depth=3, heads=4, r_weight=5.0)
@@ -144,9 +144,7 @@ def validate(model_cfg: Any) -> tuple[tuple[LevelSpec, ...], PixelHeadSpec]:
   types = fields["types"]
   for i, kind in enumerate(types[:-1]):
     if kind not in GENERATOR_TYPES:
-      raise ConfigError(
-        f"unknown generator type {kind!r} at level {i} (types={types}); use one of {GENERATOR_TYPES}."
-      )
+      raise ConfigError(f"unknown generator type {kind!r} at level {i} (types={types}); use one of {GENERATOR_TYPES}.")
   if types[-1] != PIXEL_TYPE:
     raise ConfigError(
       f"the last entry of types must be {PIXEL_TYPE!r} (the pixel head), got {types[-1]!r}. The official "

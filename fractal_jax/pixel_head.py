@@ -71,9 +71,7 @@ class PixelHead(nn.Module):
   @nn.compact
   def __call__(self, cond: jax.Array, ids: jax.Array) -> jax.Array:
     emb_init = nn.initializers.normal(0.02)
-    codebooks = [
-      self.param(f"{c}_codebook", emb_init, (NUM_VALUES, self.width), self.param_dtype) for c in CHANNELS
-    ]
+    codebooks = [self.param(f"{c}_codebook", emb_init, (NUM_VALUES, self.width), self.param_dtype) for c in CHANNELS]
     tokens = [blocks.dense(self.width, self.dtype, self.param_dtype, name="cond_proj")(cond)]
     tokens += [jnp.take(codebooks[c], ids[:, c], axis=0).astype(self.dtype) for c in range(2)]
     x = jnp.stack(tokens, axis=1)  # [N, 3, W]

@@ -1,0 +1,38 @@
+"""fractal-jax: Fractal Generative Models in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+  name="fractal-jax",
+  version="0.1.0",
+  description="Fractal Generative Models (Li, Sun, Fan, He, 2025) in JAX/Flax: pixel-by-pixel image generation.",
+  long_description=open("README.md", encoding="utf-8").read(),
+  long_description_content_type="text/markdown",
+  license="MIT",
+  packages=find_packages(include=["fractal_jax", "fractal_jax.*"]),
+  python_requires=">=3.11",
+  install_requires=[
+    "jax>=0.10",
+    "flax>=0.12",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12",
+    "tensorflow-datasets>=4.9",
+    "grain>=0.2.18",
+    "ml-collections>=1.1",
+    "clu>=0.0.12",
+    "absl-py",
+    "etils",
+    "scikit-learn",
+    "scipy",
+    "numpy",
+    "pillow",
+    "tqdm",
+    # clu's metric writers import TensorFlow and need TensorBoard.
+    "tensorflow-cpu; sys_platform == 'linux'",
+    "tensorboard; sys_platform == 'linux'",
+    "tensorflow; sys_platform == 'darwin'",
+  ],
+  extras_require={"test": ["pytest", "ruff"]},
+  entry_points={"console_scripts": ["fractal-jax=fractal_jax.main:run"]},
+  classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: MIT License"],
+)

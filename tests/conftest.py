@@ -1,0 +1,24 @@
+"""Shared test set-up: a persistent compilation cache and small model builders."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import jax
+
+_CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))  # for subprocesses too
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+import pytest  # noqa: E402
+
+from fractal_jax.config_base import load_config_file  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+  return load_config_file(str(ROOT / "configs" / "tiny.py"))
