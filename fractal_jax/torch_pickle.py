@@ -1,0 +1,382 @@
+"""Read and write PyTorch state dicts without PyTorch.
+
+A `.pth` written by `torch.save` (PyTorch >= 1.6) is a zip archive:
+`<name>/data.pkl` is a pickle of the saved object in which every tensor is a
+call `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`
+and every storage a persistent id `("storage", <dtype class>, key, device,
+numel)` whose bytes are the record `<name>/data/<key>`, in the byte order of
+the record `<name>/byteorder` (little-endian when absent).
+
+`load_pth` unpickles `data.pkl` with `RestrictedUnpickler`: the only globals
+it resolves are the tensor rebuild functions (to our NumPy versions), the
+storage dtype markers and `collections.OrderedDict`. Every other global
+(`argparse.Namespace` in the `args` of training checkpoints, or `os.system`
+in a malicious file) becomes an inert `Opaque` placeholder class that only
+records its arguments, so loading never runs code from the file. The tensors
+of a state dict come back as NumPy arrays (bfloat16 as `ml_dtypes.bfloat16`).
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import pathlib
+import pickle
+import sys
+import zipfile
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+# Legacy typed-storage class names (what `torch.save` pickles) -> dtype.
+STORAGE_DTYPES: dict[str, np.dtype] = {
+  "DoubleStorage": np.dtype(np.float64),
+  "FloatStorage": np.dtype(np.float32),
+  "HalfStorage": np.dtype(np.float16),
+  "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
+  "LongStorage": np.dtype(np.int64),
+  "IntStorage": np.dtype(np.int32),
+  "ShortStorage": np.dtype(np.int16),
+  "CharStorage": np.dtype(np.int8),
+  "ByteStorage": np.dtype(np.uint8),
+  "BoolStorage": np.dtype(np.bool_),
+  "ComplexDoubleStorage": np.dtype(np.complex128),
+  "ComplexFloatStorage": np.dtype(np.complex64),
+  "UntypedStorage": np.dtype(np.uint8),  # bytes; `_rebuild_tensor_v3` names the dtype
+}
+# `torch.<dtype>` globals (passed to `_rebuild_tensor_v3` for the newer dtypes).
+TORCH_DTYPES: dict[str, np.dtype] = {
+  "uint16": np.dtype(np.uint16),
+  "uint32": np.dtype(np.uint32),
+  "uint64": np.dtype(np.uint64),
+  "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+  "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+  "float8_e4m3fnuz": np.dtype(ml_dtypes.float8_e4m3fnuz),
+  "float8_e5m2fnuz": np.dtype(ml_dtypes.float8_e5m2fnuz),
+}
+
+
+class PthError(ValueError):
+  """A file that is not a readable PyTorch checkpoint or state dict; the message says why."""
+
+
+class Opaque:
+  """Inert stand-in for a global the unpickler does not allow.
+
+  Calling, constructing or updating it only records what the pickle asked
+  for (`args`, `state`, `items`), so a checkpoint's `args` stay readable
+  (`checkpoint["args"].state["lr"]`) and nothing from the file runs.
+  """
+
+  module: str = ""
+  name: str = ""
+
+  def __new__(cls, *args: Any, **kwargs: Any) -> Opaque:
+    obj = super().__new__(cls)
+    obj.args, obj.kwargs, obj.state, obj.items = args, kwargs, None, []
+    return obj
+
+  def __init__(self, *args: Any, **kwargs: Any) -> None:
+    pass
+
+  def __setstate__(self, state: Any) -> None:
+    self.state = state
+
+  def append(self, item: Any) -> None:
+    self.items.append(item)
+
+  def extend(self, items: Any) -> None:
+    self.items.extend(items)
+
+  def __setitem__(self, key: Any, value: Any) -> None:
+    self.items.append((key, value))
+
+  def __repr__(self) -> str:
+    return f"<opaque {self.module}.{self.name}>"
+
+
+class _Frozen:
+  """Refuses the pickle BUILD opcode, so a file cannot rewrite the objects the unpickler hands it."""
+
+  __slots__ = ()
+
+  def __setstate__(self, state: Any) -> None:
+    raise PthError(f"the pickle tries to modify {self!r}")
+
+
+class _StorageType(_Frozen):
+  """What `torch.<Name>Storage` or `torch.<dtype>` resolves to: a dtype marker."""
+
+  __slots__ = ("name", "dtype")
+
+  def __init__(self, name: str, dtype: np.dtype) -> None:
+    self.name, self.dtype = name, dtype
+
+  def __repr__(self) -> str:
+    return f"<storage type {self.name}>"
+
+
+class _Storage(_Frozen):
+  """One storage record: raw bytes [nbytes] uint8 and the dtype it was saved with."""
+
+  __slots__ = ("data", "dtype", "byteorder", "key")
+
+  def __init__(self, data: np.ndarray, dtype: np.dtype, byteorder: str, key: str) -> None:
+    self.data, self.dtype, self.byteorder, self.key = data, dtype, byteorder, key
+
+
+class _Rebuilder(_Frozen):
+  """One of the tensor rebuild functions below, as the unpickler hands it out (fresh per lookup)."""
+
+  __slots__ = ("fn",)
+
+  def __init__(self, fn: Any) -> None:
+    self.fn = fn
+
+  def __call__(self, *args: Any) -> Any:
+    return self.fn(*args)
+
+  def __repr__(self) -> str:
+    return f"<rebuild {self.fn.__name__}>"
+
+
+def _rebuild_array(storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype | None = None) -> np.ndarray:
+  """A tensor view (`offset`, `size`, `stride` in elements) of a storage, copied to a native array."""
+  if not isinstance(storage, _Storage):
+    raise PthError(f"a tensor refers to {storage!r}, not to a storage record")
+  dtype = storage.dtype if dtype is None else dtype
+  size, stride = tuple(size), tuple(stride)
+  ints = (offset, *size, *stride)
+  if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints) or len(size) != len(stride):
+    raise PthError(f"storage {storage.key}: invalid tensor geometry offset={offset} size={size} stride={stride}")
+  if storage.data.size % dtype.itemsize:
+    raise PthError(f"storage {storage.key}: {storage.data.size} bytes is not a whole number of {dtype} elements")
+  if 0 in size:
+    return np.zeros(size, dtype)
+  flat = storage.data.view(np.dtype((np.void, dtype.itemsize)))  # one opaque element per tensor element
+  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+  if last >= flat.size:
+    raise PthError(
+      f"storage {storage.key}: tensor (offset {offset}, size {size}, stride {stride}) reads element {last} "
+      f"of a storage of {flat.size}"
+    )
+  view = np.lib.stride_tricks.as_strided(
+    flat[offset:], shape=size, strides=[s * dtype.itemsize for s in stride], writeable=False
+  )
+  elements = np.array(view).reshape(-1)  # a contiguous copy
+  if storage.byteorder != sys.byteorder and dtype.itemsize > 1:
+    unit = dtype.itemsize // 2 if dtype.kind == "c" else dtype.itemsize  # complex: swap each part
+    elements.view(np.dtype(f"u{unit}")).byteswap(inplace=True)
+  return elements.view(dtype).reshape(size)
+
+
+def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None) -> np.ndarray:
+  return _rebuild_array(storage, offset, size, stride)
+
+
+def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None) -> np.ndarray:
+  if not isinstance(dtype, _StorageType):
+    raise PthError(f"a tensor has unsupported dtype {dtype!r}")
+  return _rebuild_array(storage, offset, size, stride, dtype.dtype)
+
+
+def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None) -> Any:
+  return data
+
+
+def _rebuild_from_type_v2(func, new_type, args, state) -> Any:
+  return func(*args)  # `func` came from `find_class`: one of ours or an Opaque
+
+
+# The globals a tensor state dict needs -> a factory of what the unpickler returns for them. Each lookup gets a
+# fresh object, so nothing a file does to one can outlive its load.
+_ALLOWED: dict[tuple[str, str], Any] = {
+  ("torch._utils", "_rebuild_tensor_v2"): lambda: _Rebuilder(_rebuild_tensor_v2),
+  ("torch._utils", "_rebuild_tensor_v3"): lambda: _Rebuilder(_rebuild_tensor_v3),
+  ("torch._utils", "_rebuild_parameter"): lambda: _Rebuilder(_rebuild_parameter),
+  ("torch._utils", "_rebuild_parameter_with_state"): lambda: _Rebuilder(_rebuild_parameter),
+  ("torch._tensor", "_rebuild_from_type_v2"): lambda: _Rebuilder(_rebuild_from_type_v2),
+  ("collections", "OrderedDict"): lambda: collections.OrderedDict,  # a C type: BUILD cannot modify it
+}
+_ALLOWED.update({("torch", n): (lambda n=n, d=d: _StorageType(n, d)) for n, d in STORAGE_DTYPES.items()})
+_ALLOWED.update({("torch", n): (lambda n=n, d=d: _StorageType(n, d)) for n, d in TORCH_DTYPES.items()})
+
+
+def opaque_class(module: str, name: str) -> type[Opaque]:
+  """A fresh inert placeholder class for the global `module.name`."""
+  return type(f"Opaque_{name}", (Opaque,), {"module": module, "name": name})
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+  """Unpickles `data.pkl` of a `.pth`, resolving only the globals of tensor containers.
+
+  Args:
+    file: the pickle stream.
+    archive: the open zip archive, for the storage records.
+    prefix: the archive's record prefix, e.g. `"archive/"`.
+    byteorder: "little" or "big", of the storage records.
+  """
+
+  def __init__(self, file: Any, archive: zipfile.ZipFile, prefix: str, byteorder: str) -> None:
+    super().__init__(file)
+    self._archive, self._prefix, self._byteorder = archive, prefix, byteorder
+    self._storages: dict[str, _Storage] = {}
+
+  def find_class(self, module: str, name: str) -> Any:
+    factory = _ALLOWED.get((module, name))
+    return factory() if factory else opaque_class(module, name)
+
+  def persistent_load(self, pid: Any) -> _Storage:
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+      raise PthError(f"unsupported persistent id {pid!r} (not a tensor storage)")
+    _, storage_type, key, _location, numel = pid
+    if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or not isinstance(numel, int):
+      raise PthError(f"unsupported storage reference {pid!r}")
+    if key not in self._storages:
+      record = f"{self._prefix}data/{key}"
+      try:
+        raw = self._archive.read(record)
+      except KeyError:
+        raise PthError(f"the archive lacks the storage record {record!r}") from None
+      nbytes = numel * storage_type.dtype.itemsize
+      if len(raw) < nbytes:
+        raise PthError(f"storage record {record!r} holds {len(raw)} bytes, expected {nbytes}")
+      data = np.frombuffer(raw, np.uint8, count=nbytes)
+      self._storages[key] = _Storage(data, storage_type.dtype, self._byteorder, key)
+    return self._storages[key]
+
+
+def _archive_prefix(archive: zipfile.ZipFile, path: str) -> str:
+  pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+  if len(pickles) != 1:
+    raise PthError(f"{path} is a zip archive but not a PyTorch checkpoint (no single <name>/data.pkl record)")
+  return pickles[0][: -len("data.pkl")]
+
+
+def load_pth(path: str | os.PathLike) -> Any:
+  """The whole object saved in a `.pth`, tensors as NumPy arrays, other classes as `Opaque`.
+
+  Raises:
+    PthError: not a zip-format PyTorch file, or a malformed one.
+  """
+  path = str(path)
+  if not zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+      head = f.read(2)
+    if head[:1] == b"\x80":
+      raise PthError(
+        f"{path} is a plain pickle, not a zip-format PyTorch checkpoint: the legacy format of torch < 1.6 is "
+        "not supported. Re-save it with a recent torch (torch.save(torch.load(path), path))."
+      )
+    raise PthError(f"{path} is not a PyTorch checkpoint (.pth zip archive) nor a NumPy .npz file")
+  with zipfile.ZipFile(path) as archive:
+    prefix = _archive_prefix(archive, path)
+    byteorder = "little"
+    if f"{prefix}byteorder" in archive.namelist():
+      byteorder = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
+      if byteorder not in ("little", "big"):
+        raise PthError(f"{path}: unknown byte order {byteorder!r}")
+    data = archive.read(f"{prefix}data.pkl")
+    try:
+      return RestrictedUnpickler(io.BytesIO(data), archive, prefix, byteorder).load()
+    except PthError as error:
+      raise PthError(f"{path}: {error}") from None
+    except Exception as error:  # a malformed pickle can fail in any way; none of it ran code from the file
+      raise PthError(f"{path}: cannot unpickle data.pkl ({type(error).__name__}: {error})") from None
+
+
+def _is_npz(path: str) -> bool:
+  with zipfile.ZipFile(path) as archive:
+    names = archive.namelist()
+  return bool(names) and all(n.endswith(".npy") for n in names)
+
+
+def _describe(obj: Any) -> str:
+  return repr(obj) if isinstance(obj, Opaque) else f"a {type(obj).__name__}"
+
+
+def state_dict_of(obj: Any, source: str = "checkpoint") -> dict[str, np.ndarray]:
+  """`obj["model"]` of a training checkpoint, or `obj` itself if it is a bare state dict.
+
+  Raises:
+    PthError: naming the entries that are not tensors, or saying what the object is.
+  """
+  if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
+    obj = obj["model"]
+  elif not isinstance(obj, Mapping):
+    raise PthError(f"{source} holds {_describe(obj)}, not a state dict or a checkpoint with a 'model' entry")
+  elif not any(isinstance(v, np.ndarray) for v in obj.values()):
+    keys = ", ".join(repr(k) for k in list(obj)[:8])
+    raise PthError(f"{source} holds neither a 'model' state dict nor tensors (its keys: {keys})")
+  bad = [f"{k!r} ({_describe(v)})" for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)]
+  if bad:
+    raise PthError(f"{source}: state dict entries that are not tensors: {', '.join(bad)}")
+  return dict(obj)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Official state dict from a `.pth` (its `model` entry, or a bare state dict) or an `.npz` of official names.
+
+  Returns:
+    Official tensor name -> NumPy array, in the file's order, dtypes as saved.
+
+  Raises:
+    FileNotFoundError: no such file.
+    PthError: not a readable checkpoint, or no state dict in it.
+  """
+  path = str(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"checkpoint file {path} not found")
+  if zipfile.is_zipfile(path) and _is_npz(path):
+    try:
+      with np.load(path, allow_pickle=False) as npz:
+        return state_dict_of({k: npz[k] for k in npz.files}, path)
+    except ValueError as error:
+      raise PthError(f"{path}: cannot read the .npz ({error})") from None
+  return state_dict_of(load_pth(path), path)
+
+
+def save_npz(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
+  """Writes a state dict as `.npz` (official names as keys), atomically.
+
+  NumPy's format has no bfloat16, so bfloat16 arrays are written as float32
+  (exactly). Load with `{k: torch.from_numpy(v) for k, v in np.load(path).items()}`.
+  """
+  arrays = {}
+  for name, value in state_dict.items():
+    value = np.asarray(value)
+    arrays[name] = value.astype(np.float32) if value.dtype == ml_dtypes.bfloat16 else value
+  path = pathlib.Path(path)
+  partial = path.with_name(path.name + ".partial")
+  with open(partial, "wb") as f:
+    np.savez(f, **arrays)
+  partial.replace(path)
+
+
+def save_pth(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
+  """Writes `{"model": state_dict}` with `torch.save`, as the official training code does; needs torch.
+
+  Raises:
+    ImportError: torch is not installed (write `.npz` with `save_npz` instead).
+  """
+  try:
+    import torch
+  except ImportError:
+    raise ImportError(
+      "writing a .pth needs torch, which is not installed here; write an .npz instead (same tensor names) and "
+      "load it where torch is: {k: torch.from_numpy(v) for k, v in np.load(path).items()}"
+    ) from None
+  model = collections.OrderedDict()
+  for name, value in state_dict.items():
+    value = np.asarray(value)
+    if value.dtype == ml_dtypes.bfloat16:
+      model[name] = torch.from_numpy(value.astype(np.float32)).to(torch.bfloat16)
+    else:
+      model[name] = torch.from_numpy(np.ascontiguousarray(value))
+  path = pathlib.Path(path)
+  partial = path.with_name(path.name + ".partial")
+  torch.save({"model": model}, partial)
+  partial.replace(path)
