@@ -1,0 +1,227 @@
+"""Samplers: cached decoding vs teacher forcing, the MAR schedule, guidance rules, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny_models
+
+from fractal_jax import fractal, mar_schedule, patches, sampler
+
+
+def official_schedule(seq_len: int, num_iter: int) -> list[tuple[set, float]]:
+  """The official MAR loop on boolean masks: the set predicted at each step and its mask_len."""
+  num_iter = min(seq_len, num_iter)
+  order = np.arange(seq_len)  # identity order: positions equal order indices
+  mask = np.ones(seq_len, bool)
+  out = []
+  for step in range(num_iter):
+    mask_ratio = np.cos(math.pi / 2.0 * (step + 1) / num_iter)
+    mask_len = np.floor(seq_len * mask_ratio)
+    mask_len = max(1.0, min(mask.sum() - 1.0, mask_len))
+    mask_next = np.zeros(seq_len, bool)
+    mask_next[order[: int(mask_len)]] = True
+    to_pred = mask if step >= num_iter - 1 else mask ^ mask_next
+    out.append((set(np.nonzero(to_pred)[0].tolist()), mask_len))
+    mask = mask_next
+  return out
+
+
+def official_mask_lens(seq_len: int, num_iter: int) -> list[float]:
+  """The official clamped counts, scalar arithmetic (hidden count = mask.sum())."""
+  num_iter, hidden, out = min(seq_len, num_iter), float(seq_len), []
+  for step in range(num_iter):
+    mask_len = max(1.0, min(hidden - 1.0, np.floor(seq_len * np.cos(math.pi / 2.0 * (step + 1) / num_iter))))
+    out.append(mask_len)
+    hidden = mask_len
+  return out
+
+
+def test_schedule_equals_official_for_all_lengths():
+  for seq_len in range(1, 257):
+    for num_iter in range(1, seq_len + 1):
+      ours = mar_schedule.mar_schedule(seq_len, num_iter)
+      assert list(ours.mask_len) == official_mask_lens(seq_len, num_iter), (seq_len, num_iter)
+      assert ours.lo[-1] == 0 and ours.hi[0] == seq_len
+      assert sum(ours.counts) == seq_len
+
+
+def test_schedule_predicts_the_official_sets():
+  """Boolean masks as the official loop builds them, on every (L, T) with L <= 64 and the paper's."""
+  pairs = [(seq_len, num_iter) for seq_len in range(1, 65) for num_iter in range(1, seq_len + 1)]
+  for seq_len, num_iter in pairs + [(256, 64), (256, 16), (16, 16), (16, 4)]:
+    ours = mar_schedule.mar_schedule(seq_len, num_iter)
+    for step, (predicted, mask_len) in enumerate(official_schedule(seq_len, num_iter)):
+      assert set(range(ours.lo[step], ours.hi[step])) == predicted, (seq_len, num_iter, step)
+      assert ours.mask_len[step] == mask_len
+
+
+def test_schedule_clamps_num_iter_with_a_warning():
+  with pytest.warns(UserWarning, match="exceeds the sequence length 16"):
+    assert mar_schedule.clamp_num_iter(16, 64) == 16
+  assert mar_schedule.mar_schedule(16, 64).num_iter == 16
+
+
+def test_linear_cfg_uses_the_clamped_count():
+  schedule = mar_schedule.mar_schedule(16, 4)
+  last = schedule.num_iter - 1
+  assert schedule.cfg_scale(3.0, last, "linear") == pytest.approx(1 + 2.0 * 15 / 16)  # never reaches cfg
+  assert schedule.cfg_scale(3.0, 0, "constant") == 3.0
+
+
+def test_chunk_size():
+  assert sampler.chunk_size((2, 3, 5, 6)) == 3
+  assert sampler.chunk_size((1,) * 16) == 1
+
+
+def test_guidance_filter_rule_on_hand_made_logits():
+  cond = jnp.log(jnp.asarray([[0.7, 0.29999, 0.00001]]))
+  uncond = jnp.asarray([[0.0, 1.0, 5.0]])
+  out = np.asarray(sampler.guided_logits(cond, uncond, jnp.float32(2.0), jnp.float32(1e-4)))
+  # Token 2 is below the threshold: its unconditional logit is lifted to
+  # max(5, c2 - max(c) + max(u)) = max(5, log(1e-5) - log(0.7) + 5) = 5 (unchanged here);
+  # tokens 0 and 1 keep u.
+  lifted = max(5.0, float(cond[0, 2] - cond[0].max() + uncond[0].max()))
+  expected_uncond = np.asarray([0.0, 1.0, lifted])
+  np.testing.assert_allclose(out[0], expected_uncond + 2.0 * (np.asarray(cond[0]) - expected_uncond), rtol=1e-6)
+  # With the filter the low-probability token cannot be boosted by a large unconditional logit:
+  low_uncond = jnp.asarray([[0.0, 1.0, -20.0]])
+  out = np.asarray(sampler.guided_logits(cond, low_uncond, jnp.float32(2.0), jnp.float32(1e-4)))
+  lifted = float(cond[0, 2] - cond[0].max() + 1.0)
+  np.testing.assert_allclose(out[0, 2], lifted + 2.0 * (float(cond[0, 2]) - lifted), rtol=1e-5)
+
+
+def _bound(family, **overrides):
+  s = tiny_models.settings(family, **overrides)
+  return s, fractal.build(s), tiny_models.init_params(s)
+
+
+def test_cached_ar_decoding_equals_teacher_forcing():
+  s, model, params = _bound("ar_ar")
+  spec = s.levels[0]
+  key = jax.random.key(0)
+  level_patches = jax.random.normal(key, (2, spec.seq_len, spec.patch_dim))
+  cond = jax.random.normal(jax.random.fold_in(key, 1), (2, spec.cond_width))
+  forced = model.apply({"params": params}, level_patches, [cond], method=lambda m, *a: m.levels[0](*a))
+
+  def decode(params):
+    cache = model.apply({"params": params}, method=lambda m: m.levels[0].init_cache(2))
+    outs = []
+    for t in range(spec.seq_len):
+      previous = level_patches[:, max(t - 1, 0)]
+      out, cache = model.apply(
+        {"params": params}, cond, previous, jnp.int32(t), cache, method=lambda m, *a: m.levels[0].decode_step(*a)
+      )
+      outs.append(out)
+    return jnp.stack(outs, axis=1)
+
+  np.testing.assert_allclose(jax.jit(decode)(params), forced, rtol=1e-5, atol=1e-5)
+
+
+def test_mar_one_token_per_step_reproduces_teacher_forced_conditionals():
+  """Hiding the positions not yet generated gives, at each step, the training-time conditionals."""
+  s, model, params = _bound("mar_mar")
+  spec = s.levels[0]
+  level_patches = jax.random.normal(jax.random.key(0), (1, spec.seq_len, spec.patch_dim))
+  cond = jax.random.normal(jax.random.key(1), (1, spec.cond_width))
+  order = np.random.default_rng(0).permutation(spec.seq_len)
+  apply = jax.jit(
+    lambda p, x, m: model.apply({"params": p}, x, [cond] * 5, m, method=lambda mod, *a: mod.levels[0](*a))
+  )
+  generated = np.zeros_like(np.asarray(level_patches))
+  for step, position in enumerate(order):
+    hidden = np.ones((1, spec.seq_len), bool)
+    hidden[0, order[:step]] = False
+    # sampler state: the generated patches are known, the rest hidden (their values are ignored)
+    sampled_state = apply(params, jnp.asarray(generated), jnp.asarray(hidden))
+    teacher = apply(params, level_patches, jnp.asarray(hidden))
+    np.testing.assert_allclose(sampled_state[0, position], teacher[0, position], rtol=1e-5, atol=1e-6)
+    generated[0, position] = level_patches[0, position]
+
+
+SAMPLE_FAMILIES = {
+  "ar_ar": (6, 4),
+  "mar_mar": (4, 3),
+  "mar_guiding_4": (3, 2, 2),
+  "ar_over_mar": (2, 4),
+}
+
+
+@pytest.fixture(scope="module")
+def sampling_models():
+  out = {}
+  for family, num_iter in SAMPLE_FAMILIES.items():
+    s, model, params = _bound(family)
+    out[family] = (s, model, params, num_iter)
+  return out
+
+
+@pytest.mark.parametrize("family", sorted(SAMPLE_FAMILIES))
+def test_sample_shapes_and_determinism(sampling_models, family):
+  s, model, params, num_iter = sampling_models[family]
+  plan = sampler.make_plan(s, num_iter, cfg=2.0)
+  labels = jnp.asarray([1, 3, 5])
+  images, frames = sampler.sample(model, params, labels, jax.random.key(0), plan, cfg=2.0, temperature=1.0)
+  assert images.shape == (3, s.img_size, s.img_size, 3) and images.dtype == jnp.uint8
+  assert frames is None
+  again, _ = sampler.sample(model, params, labels, jax.random.key(0), plan, cfg=2.0, temperature=1.0)
+  np.testing.assert_array_equal(images, again)
+  other, _ = sampler.sample(model, params, labels, jax.random.key(1), plan, cfg=2.0, temperature=1.0)
+  assert (np.asarray(other) != np.asarray(images)).mean() > 0.5
+  # Images do not depend on the batch they are in.
+  alone, _ = sampler.sample(
+    model, params, labels[1:2], jax.random.key(0), plan, cfg=2.0, temperature=1.0, image_ids=jnp.asarray([1])
+  )
+  np.testing.assert_array_equal(alone[0], images[1])
+
+
+def test_guidance_scale_one_equals_unguided(sampling_models):
+  s, model, params, num_iter = sampling_models["mar_guiding_4"]
+  labels = jnp.asarray([0, 2])
+  plain = sampler.sample(model, params, labels, jax.random.key(4), sampler.make_plan(s, num_iter, cfg=1.0))[0]
+  # The guided program (doubled batch) at scale 1: u + 1 * (c - u) = c. The filter only changes u.
+  guided_plan = sampler.make_plan(s, num_iter, cfg=2.0)
+  hyper_one = sampler.Hyper(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(1e-4))
+  doubled = sampler._sample_jit(s, guided_plan, params, labels, jnp.arange(2), jax.random.key(4), hyper_one)[0]
+  np.testing.assert_array_equal(plain, doubled)
+
+
+def test_one_trace_for_repeated_calls(sampling_models):
+  s, model, params, num_iter = sampling_models["ar_ar"]
+  plan = sampler.make_plan(s, num_iter, cfg=3.0)
+  sampler.sample(model, params, jnp.asarray([0, 1]), jax.random.key(0), plan, cfg=3.0)
+  before = sampler.TRACE_COUNT[0]
+  for seed in range(3):
+    sampler.sample(model, params, jnp.asarray([2, 3]), jax.random.key(seed), plan, cfg=3.0, temperature=1.1)
+  assert sampler.TRACE_COUNT[0] == before
+
+
+def test_frames_record_each_level0_step(sampling_models):
+  s, model, params, num_iter = sampling_models["mar_mar"]
+  plan = sampler.make_plan(s, num_iter, cfg=1.0, record_frames=True)
+  images, frames = sampler.sample(model, params, jnp.asarray([0]), jax.random.key(0), plan)
+  assert frames.shape == (plan.schedules[0].num_iter, 1, s.img_size, s.img_size, 3)
+  np.testing.assert_array_equal(frames[-1], images)
+
+
+def test_bad_sampling_inputs(sampling_models):
+  s, model, params, num_iter = sampling_models["mar_mar"]
+  with pytest.raises(sampler.SampleError, match="num_iter has 1 entries but the model has 2"):
+    sampler.make_plan(s, (4,), cfg=1.0)
+  with pytest.raises(sampler.SampleError, match="cfg must be >= 1"):
+    sampler.make_plan(s, num_iter, cfg=0.5)
+  with pytest.raises(sampler.SampleError, match="temperature must be > 0"):
+    sampler.make_plan(s, num_iter, cfg=1.0, temperature=0.0)
+  plan = sampler.make_plan(s, num_iter, cfg=1.0)
+  with pytest.raises(sampler.SampleError, match="labels must be class ids in 0..6"):
+    sampler.sample(model, params, jnp.asarray([7]), jax.random.key(0), plan)
+
+
+def test_unpatchify_of_patch_vectors_roundtrip():
+  items = jax.random.normal(jax.random.key(0), (5, 2, 2, 3))
+  vectors = sampler._patch_vectors(items)
+  np.testing.assert_array_equal(patches.patches_as_images(vectors[None], 2), items)
