@@ -11,4 +11,8 @@ def get_config():
   config.model.heads = (16, 8, 4)
   config.model.types = ("ar", "ar", "pixel")
   config.model.num_conds = 1
+  # Sampling as the paper's FID runs.
+  config.sample.num_iter = (64, 16)
+  config.sample.cfg = 11.0
+  config.sample.temperature = 1.03
   return config

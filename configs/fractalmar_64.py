@@ -11,4 +11,8 @@ def get_config():
   config.model.heads = (16, 8, 4)
   config.model.types = ("mar", "mar", "pixel")
   config.model.num_conds = 5
+  # Sampling as the paper's FID runs.
+  config.sample.num_iter = (64, 16)
+  config.sample.cfg = 6.5
+  config.sample.temperature = 1.02
   return config

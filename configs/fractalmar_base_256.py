@@ -12,4 +12,8 @@ def get_config():
   config.model.types = ("mar", "mar", "mar", "pixel")
   config.model.num_conds = 5
   config.model.guiding_pixel = True
+  # Sampling as the paper's FID runs.
+  config.sample.num_iter = (64, 16, 16)
+  config.sample.cfg = 29.0
+  config.sample.temperature = 1.1
   return config

@@ -12,4 +12,6 @@ def get_config():
   config.model.types = ("mar", "ar", "pixel")
   config.model.num_conds = 5
   config.model.num_classes = 10
+  config.sample.num_iter = (4, 4)
+  config.sample.batch_size = 8
   return config

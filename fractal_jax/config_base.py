@@ -34,6 +34,18 @@ def base_config() -> ml_collections.ConfigDict:
       remat_policy="none",  # "none", "full" or a jax.checkpoint_policies name
     )
   )
+  # Sampling (--mode=sample): hyper-parameters of the official sampler.
+  config.sample = ml_collections.ConfigDict(
+    dict(
+      num_iter=(64, 16),  # MAR steps per generator level (AR levels always take L steps)
+      cfg=1.0,  # classifier-free guidance scale; 1 = none
+      cfg_schedule="linear",  # "linear" ramps level 0's scale up to cfg, or "constant"
+      temperature=1.0,  # MULTIPLIES the logits (official semantics: 1.1 sharpens)
+      filter_threshold=1e-4,  # guidance leaves tokens below this conditional probability alone
+      batch_size=16,  # images per device step (a multiple of the data x fsdp devices)
+    )
+  )
+  config.mesh_shape = (-1, 1, 1)  # devices over ("data", "fsdp", "tensor"); -1 takes the rest
   return config
 
 

@@ -6,7 +6,7 @@ run-specific I/O and selection flags are top-level. Every input is checked
 before anything is compiled; a bad one ends the run with `error: ...` and
 exit status 2.
 
-Modes available now: summary.
+Modes: summary (level table), sample (images from a checkpoint).
 """
 
 from __future__ import annotations
@@ -14,16 +14,27 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from absl import app, flags
-from ml_collections import config_flags
+from fractal_jax import cpu_flags
 
-from fractal_jax import model_config
+cpu_flags.enable_fast_cpu_matmuls()  # before JAX starts
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from fractal_jax import model_config  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/fractalar_64.py (see configs/).", lock_config=True
 )
-_MODE = flags.DEFINE_enum("mode", "summary", ["summary"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "summary", ["summary", "sample"], "What to run.")
 _NO_FLOPS = flags.DEFINE_bool("no_flops", False, "summary: skip the FLOP count (parameters only, faster).")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir (its latest step) or a converted checkpoint.")
+_LABELS = flags.DEFINE_string("labels", None, "sample: comma-separated class ids, e.g. 207,360 (-1: no class).")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", None, "sample: N images, N / num_classes of each class.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed; image i uses fold_in(key(seed), i).")
+_OUTPUT = flags.DEFINE_string("output", None, "One output file (sample: a PNG grid).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory for many outputs (sample: one PNG per image).")
+_GIF = flags.DEFINE_string("gif", None, "sample: animated GIF of the first batch after each level-0 step.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -41,17 +52,43 @@ def run_summary(config) -> None:
   print(f"parameters: {rows[-1].params:,}")
 
 
-MODES: dict[str, Callable] = {"summary": run_summary}
+def run_sample(config) -> None:
+  from fractal_jax import sample_mode
+
+  request = sample_mode.SampleRequest(
+    checkpoint=_CHECKPOINT.value,
+    labels=_LABELS.value,
+    num_images=_NUM_IMAGES.value,
+    seed=_SEED.value,
+    output=_OUTPUT.value,
+    output_dir=_OUTPUT_DIR.value,
+    gif=_GIF.value,
+  )
+  sample_mode.run(config, request)
+
+
+MODES: dict[str, Callable] = {"summary": run_summary, "sample": run_sample}
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
+  from fractal_jax import checkpoint_io, mesh, sampler
+
   config = _CONFIG.value
+  expected = (
+    model_config.ConfigError,
+    checkpoint_io.CheckpointError,
+    sampler.SampleError,
+    mesh.MeshError,
+    FileNotFoundError,
+  )
   try:
     model_config.validate(config.model)
     MODES[_MODE.value](config)
-  except model_config.ConfigError as error:
+  except expected as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
 

@@ -69,12 +69,18 @@ class PixelHead(nn.Module):
   remat: str = "none"
 
   @nn.compact
-  def __call__(self, cond: jax.Array, ids: jax.Array) -> jax.Array:
+  def __call__(self, cond: jax.Array, ids: jax.Array, num_channels: int = 3) -> jax.Array:
+    """Logits [N, num_channels, 256] of the first `num_channels` channels.
+
+    Sampling channel c needs only the first c + 1 tokens (causal attention),
+    so the sampler asks for `num_channels = c + 1`.
+    """
     emb_init = nn.initializers.normal(0.02)
     codebooks = [self.param(f"{c}_codebook", emb_init, (NUM_VALUES, self.width), self.param_dtype) for c in CHANNELS]
+    biases = [self.param(f"{c}_mlm_bias", nn.initializers.zeros, (1, NUM_VALUES), self.param_dtype) for c in CHANNELS]
     tokens = [blocks.dense(self.width, self.dtype, self.param_dtype, name="cond_proj")(cond)]
-    tokens += [jnp.take(codebooks[c], ids[:, c], axis=0).astype(self.dtype) for c in range(2)]
-    x = jnp.stack(tokens, axis=1)  # [N, 3, W]
+    tokens += [jnp.take(codebooks[c], ids[:, c], axis=0).astype(self.dtype) for c in range(num_channels - 1)]
+    x = jnp.stack(tokens, axis=1)  # [N, num_channels, W]
     x = blocks.layer_norm(self.dtype, self.param_dtype, name="ln")(x)
     x = blocks.BlockStack(
       blocks.TimmBlock,
@@ -85,10 +91,7 @@ class PixelHead(nn.Module):
       name="layers",
     )(x)
     x = blocks.layer_norm(self.dtype, self.param_dtype, name="norm")(x).astype(jnp.float32)
-    logits = []
-    for c, name in enumerate(CHANNELS):
-      bias = self.param(f"{name}_mlm_bias", nn.initializers.zeros, (1, NUM_VALUES), self.param_dtype)
-      logits.append(x[:, c] @ codebooks[c].astype(jnp.float32).T + bias.astype(jnp.float32))
+    logits = [x[:, c] @ codebooks[c].astype(jnp.float32).T + biases[c].astype(jnp.float32) for c in range(num_channels)]
     return jnp.stack(logits, axis=1)
 
 

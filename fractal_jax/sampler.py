@@ -40,6 +40,7 @@ count.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -47,8 +48,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from fractal_jax import fractal, patches, pixel_head
+from fractal_jax import mesh as mesh_lib
 from fractal_jax.mar_schedule import MarSchedule, clamp_num_iter, mar_schedule
 from fractal_jax.model_config import ModelSettings
 
@@ -179,7 +183,7 @@ class _Recursion:
   def level(self, index: int, conds: list[jax.Array], cfg: jax.Array, keys: jax.Array) -> jax.Array:
     """Samples N items of level `index`: [N, S, S, 3] normalised (conds are [G*N, Dc])."""
     if index == len(self.levels):
-      ids = self.pixel_ids(lambda m, c, i: m.pixel_head(c, i), conds[0], cfg, keys)
+      ids = self.pixel_ids(lambda m, *a: m.pixel_head(*a), conds[0], cfg, keys)
       return pixel_head.ids_to_pixels(ids)[:, None, None, :]
     if self.levels[index].kind == "ar":
       return self.ar(index, conds, cfg, keys)
@@ -190,7 +194,7 @@ class _Recursion:
     num = keys.shape[0]
     ids = jnp.zeros((num, 3), jnp.int32)
     for channel in range(3):
-      logits = self.call(logits_fn, cond, self.dup(ids))[:, channel] * self.hyper.temperature
+      logits = self.call(logits_fn, cond, self.dup(ids), channel + 1)[:, channel] * self.hyper.temperature
       if self.plan.guided:
         logits = guided_logits(logits[:num], logits[num:], cfg, self.hyper.filter_threshold)
       sampled = jax.vmap(jax.random.categorical)(_fold(keys, channel), logits)
@@ -238,9 +242,7 @@ class _Recursion:
     ranks = jnp.argsort(orders, axis=-1)  # [N, L] order index of each position
     guide = None
     if spec.guiding_pixel:
-      ids = self.pixel_ids(
-        lambda m, c, i: m.levels[index].guiding_logits(c, i), conds[0], cfg, _fold(keys, _GUIDE_SALT)
-      )
+      ids = self.pixel_ids(lambda m, *a: m.levels[index].guiding_logits(*a), conds[0], cfg, _fold(keys, _GUIDE_SALT))
       guide = self.dup(pixel_head.ids_to_pixels(ids))
     lo, hi = jnp.asarray(schedule.lo, jnp.int32), jnp.asarray(schedule.hi, jnp.int32)
     if index == 0 and self.plan.cfg_schedule == "linear":
@@ -314,7 +316,32 @@ def _sample(
   return to_uint8(images), getattr(recursion, "frames", None)
 
 
-_sample_jit = jax.jit(_sample, static_argnums=(0, 1))
+def _sample_sharded(
+  model_settings: ModelSettings,
+  plan: SamplePlan,
+  mesh: Mesh | None,
+  params: Any,
+  labels: jax.Array,
+  image_ids: jax.Array,
+  key: jax.Array,
+  hyper: Hyper,
+) -> tuple[jax.Array, jax.Array | None]:
+  """`_sample` on each device's share of the batch (params replicated); no communication."""
+  run = functools.partial(_sample, model_settings, plan)
+  if mesh is None or mesh.size == 1:
+    return run(params, labels, image_ids, key, hyper)
+  batch = mesh_lib.batch_spec()
+  frames_spec = P(None, mesh_lib.BATCH_AXES) if plan.record_frames else None
+  return jax.shard_map(
+    run,
+    mesh=mesh,
+    in_specs=(P(), batch, batch, P(), P()),
+    out_specs=(batch, frames_spec),
+    check_vma=False,
+  )(params, labels, image_ids, key, hyper)
+
+
+_sample_jit = jax.jit(_sample_sharded, static_argnums=(0, 1, 2))
 
 
 def sample(
@@ -327,6 +354,7 @@ def sample(
   temperature: float = 1.0,
   filter_threshold: float = 1e-4,
   image_ids: jax.Array | None = None,
+  mesh: Mesh | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
   """Samples images class-conditionally (label -1: the "no class" condition).
 
@@ -339,6 +367,8 @@ def sample(
     cfg, temperature, filter_threshold: run-time scalars (no recompilation).
     image_ids: int [B] global image indices (default 0..B-1), so that a
       batch split over calls or devices gives the same images.
+    mesh: split the batch over its `data` x `fsdp` devices (each runs the
+      whole recursion on its images); B must be a multiple of their number.
 
   Returns:
     (images uint8 [B, S, S, 3], frames uint8 [T0, B, S, S, 3] after each
@@ -351,9 +381,26 @@ def sample(
     raise SampleError(f"labels must be class ids in 0..{num_classes - 1} (or -1 for no class), got {host_labels}")
   if (cfg != 1.0) != plan.guided:
     raise SampleError(f"cfg={cfg} does not match the plan (made for guidance {'on' if plan.guided else 'off'})")
+  if mesh is not None and labels.shape[0] % mesh_lib.batch_size_per_step(mesh):
+    raise SampleError(
+      f"batch {labels.shape[0]} is not a multiple of the {mesh_lib.batch_size_per_step(mesh)} devices sharing it"
+    )
   if image_ids is None:
     image_ids = jnp.arange(labels.shape[0], dtype=jnp.int32)
   hyper = Hyper(
     jnp.asarray(cfg, jnp.float32), jnp.asarray(temperature, jnp.float32), jnp.asarray(filter_threshold, jnp.float32)
   )
-  return _sample_jit(model.settings, plan, params, labels, jnp.asarray(image_ids, jnp.int32), key, hyper)
+  return _sample_jit(model.settings, plan, mesh, params, labels, jnp.asarray(image_ids, jnp.int32), key, hyper)
+
+
+def compile_sample(
+  model_settings: ModelSettings, plan: SamplePlan, params: Any, batch_size: int, mesh: Mesh | None = None
+) -> Callable[..., tuple[jax.Array, jax.Array | None]]:
+  """Ahead-of-time compiled sampler for batches of `batch_size`.
+
+  Returns `run(params, labels, image_ids, key, hyper)`; inputs are not
+  validated (use `sample` for a checked call).
+  """
+  ints = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+  hyper = Hyper(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(1e-4))
+  return _sample_jit.lower(model_settings, plan, mesh, params, ints, ints, jax.random.key(0), hyper).compile()

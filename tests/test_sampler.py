@@ -148,6 +148,7 @@ SAMPLE_FAMILIES = {
   "mar_mar": (4, 3),
   "mar_guiding_4": (3, 2, 2),
   "ar_over_mar": (2, 4),
+  "mar_2": (5,),
 }
 
 
@@ -186,7 +187,7 @@ def test_guidance_scale_one_equals_unguided(sampling_models):
   # The guided program (doubled batch) at scale 1: u + 1 * (c - u) = c. The filter only changes u.
   guided_plan = sampler.make_plan(s, num_iter, cfg=2.0)
   hyper_one = sampler.Hyper(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(1e-4))
-  doubled = sampler._sample_jit(s, guided_plan, params, labels, jnp.arange(2), jax.random.key(4), hyper_one)[0]
+  doubled = sampler._sample_jit(s, guided_plan, None, params, labels, jnp.arange(2), jax.random.key(4), hyper_one)[0]
   np.testing.assert_array_equal(plain, doubled)
 
 

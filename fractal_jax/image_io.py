@@ -1,0 +1,52 @@
+"""Writing images: PNG grids, numbered PNGs, animated GIFs (uint8 [B, H, W, 3])."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+
+def grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np.ndarray:
+  """[B, H, W, 3] uint8 -> one [rows*(H+p)+p, cols*(W+p)+p, 3] image, white padding."""
+  images = np.asarray(images)
+  count, height, width, _ = images.shape
+  columns = columns or math.ceil(math.sqrt(count))
+  rows = math.ceil(count / columns)
+  canvas = np.full((rows * (height + padding) + padding, columns * (width + padding) + padding, 3), 255, np.uint8)
+  for i, image in enumerate(images):
+    top = padding + (i // columns) * (height + padding)
+    left = padding + (i % columns) * (width + padding)
+    canvas[top : top + height, left : left + width] = image
+  return canvas
+
+
+def _upscale(image: np.ndarray, min_side: int) -> Image.Image:
+  """Nearest-neighbour upscaling so that small (8x8, 32x32) samples stay visible."""
+  picture = Image.fromarray(image)
+  factor = max(1, min_side // max(image.shape[:2]))
+  return picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST) if factor > 1 else picture
+
+
+def save_grid(images: np.ndarray, path: str | pathlib.Path, min_side: int = 256) -> None:
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  _upscale(grid(images), min_side).save(path)
+
+
+def save_each(images: np.ndarray, directory: str | pathlib.Path, first_index: int, labels: np.ndarray) -> None:
+  """One PNG per image, `<index:06d>_class<label>.png`, at the model's resolution (for FID tools)."""
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  for offset, (image, label) in enumerate(zip(np.asarray(images), np.asarray(labels))):
+    Image.fromarray(image).save(directory / f"{first_index + offset:06d}_class{int(label)}.png")
+
+
+def save_gif(frames: np.ndarray, path: str | pathlib.Path, seconds: float = 4.0, min_side: int = 256) -> None:
+  """frames uint8 [T, B, H, W, 3] -> an animated GIF of the batch's grid, last frame held."""
+  pictures = [_upscale(grid(frame), min_side) for frame in np.asarray(frames)]
+  duration = max(20, int(1000 * seconds / len(pictures)))
+  durations = [duration] * (len(pictures) - 1) + [2000]
+  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+  pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)

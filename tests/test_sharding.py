@@ -1,0 +1,37 @@
+"""The mesh helper, and sampling sharded over 8 simulated devices (in a subprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from fractal_jax import mesh
+
+
+def test_resolve_shape():
+  assert mesh.resolve_shape((-1, 1, 1), 8) == (8, 1, 1)
+  assert mesh.resolve_shape((2, -1, 1), 8) == (2, 4, 1)
+  with pytest.raises(mesh.MeshError, match="has 4 devices but 8 are available"):
+    mesh.resolve_shape((2, 2, 1), 8)
+  with pytest.raises(mesh.MeshError, match="cannot fill 8 devices"):
+    mesh.resolve_shape((3, -1, 1), 8)
+  with pytest.raises(mesh.MeshError, match="at most one -1"):
+    mesh.resolve_shape((-1, -1, 1), 8)
+
+
+def test_sharded_sampling_equals_single_device():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+    [sys.executable, str(ROOT / "tests" / "sharded_sampling_check.py")],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "sharded sampling equals single-device sampling" in result.stdout
