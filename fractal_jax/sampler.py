@@ -173,6 +173,7 @@ class _Recursion:
   def __init__(self, model: fractal.FractalModel, params: Any, plan: SamplePlan, hyper: Hyper):
     self.model, self.params, self.plan, self.hyper = model, params, plan, hyper
     self.levels = model.settings.levels
+    self.frames: jax.Array | None = None  # [T0, N, S, S, 3] uint8, set by level 0 when recording
 
   def call(self, fn: Callable, *args: Any) -> Any:
     return self.model.apply({"params": self.params}, *args, method=fn)
@@ -231,7 +232,8 @@ class _Recursion:
       return level_patches, cache, self._record(frames, t, level_patches, spec.patch_size)
 
     level_patches, _, frames = jax.lax.fori_loop(0, spec.seq_len, step, state)
-    self.frames = frames if index == 0 else getattr(self, "frames", None)
+    if index == 0:
+      self.frames = frames
     return patches.unpatchify(level_patches, spec.patch_size)
 
   def mar(self, index: int, conds: list[jax.Array], cfg: jax.Array, keys: jax.Array) -> jax.Array:
@@ -286,7 +288,8 @@ class _Recursion:
 
     state = (jnp.zeros((num, length, spec.patch_dim), jnp.float32), self._frames(index, num))
     level_patches, frames = jax.lax.fori_loop(0, schedule.num_iter, step, state)
-    self.frames = frames if index == 0 else getattr(self, "frames", None)
+    if index == 0:
+      self.frames = frames
     return patches.unpatchify(level_patches, spec.patch_size)
 
 
@@ -313,7 +316,7 @@ def _sample(
   cond = cond.astype(jnp.dtype(s.dtype))
   recursion = _Recursion(model, params, plan, hyper)
   images = recursion.level(0, [cond] * fractal.NUM_CONDS_FROM_CLASS, hyper.cfg, keys)
-  return to_uint8(images), getattr(recursion, "frames", None)
+  return to_uint8(images), recursion.frames
 
 
 def _sample_sharded(

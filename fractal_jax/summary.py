@@ -5,10 +5,10 @@ initialiser, FLOPs from XLA's cost analysis of each level's lowered forward
 (not compiled). XLA counts a `scan` body once whatever its trip count, so
 the FLOP count lowers an unscanned copy of each level.
 
-FLOPs are per image for the teacher-forced forward in which every patch goes
-to the next level (what sampling does in total, without guidance, and what
-our static-shape training step computes); the official training step sends
-only the masked patches below a MAR level.
+FLOPs are per image for one teacher-forced forward pass in which every patch
+goes to the next level (what our static-shape training step computes; the
+official training step sends only the masked patches below a MAR level).
+Sampling costs more: a MAR level runs its forward once per iteration.
 """
 
 from __future__ import annotations

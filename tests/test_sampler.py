@@ -181,7 +181,7 @@ def test_sample_shapes_and_determinism(sampling_models, family):
 
 
 def test_guidance_scale_one_equals_unguided(sampling_models):
-  s, model, params, num_iter = sampling_models["mar_guiding_4"]
+  s, model, params, num_iter = sampling_models["mar_mar"]
   labels = jnp.asarray([0, 2])
   plain = sampler.sample(model, params, labels, jax.random.key(4), sampler.make_plan(s, num_iter, cfg=1.0))[0]
   # The guided program (doubled batch) at scale 1: u + 1 * (c - u) = c. The filter only changes u.
