@@ -145,7 +145,7 @@ def test_remat_policy_gives_same_loss_and_grads():
   a, ga = jax.jit(jax.value_and_grad(lambda p: loss(s, p)))(params)
   b, gb = jax.jit(jax.value_and_grad(lambda p: loss(s_remat, p)))(params)
   np.testing.assert_allclose(a, b, rtol=1e-6)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-8), ga, gb)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), ga, gb)
 
 
 def test_label_drop_rate():
