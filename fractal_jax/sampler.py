@@ -60,6 +60,9 @@ from fractal_jax.model_config import ModelSettings
 _ORDER_SALT = 2**31 - 1
 _GUIDE_SALT = 2**31 - 2
 CFG_SCHEDULES = ("linear", "constant")
+# Cost of one call of the level below, in items, for choosing MAR chunk sizes
+# (measured on CPU: SMALL MAR samples ~15% faster with chunks (2, 6) than (2, 3)).
+PIXEL_CALL_OVERHEAD = 4.0
 
 
 class SampleError(ValueError):
@@ -90,6 +93,8 @@ def chunk_size(counts: Sequence[int], overhead: float = 0.5) -> int:
 
   E.g. counts (2, 3, 5, 6) (L=16, T=4) -> C=3: 6 chunks, 18 items for 16
   needed, where padding each step to 6 computes 24; counts all 1 -> C=1.
+  With `overhead=4` (the level above the pixel head) the same counts give
+  C=6: 4 calls of the pixel head's 3 passes instead of 6.
   """
   best, best_cost = 1, math.inf
   for size in range(1, max(counts) + 1):
@@ -137,7 +142,10 @@ def make_plan(
     else:
       schedule = mar_schedule(spec.seq_len, clamp_num_iter(spec.seq_len, int(steps), spec.index))
       schedules.append(schedule)
-      chunks.append(chunk_size(schedule.counts))
+      # Below the last generator level is the pixel head: cheap per item, costly per call
+      # (3 sequential passes), so that level takes fewer, padded chunks.
+      above_pixel_head = spec.index == len(levels) - 1
+      chunks.append(chunk_size(schedule.counts, overhead=PIXEL_CALL_OVERHEAD if above_pixel_head else 0.5))
   return SamplePlan(tuple(schedules), tuple(chunks), cfg_schedule, cfg != 1.0, record_frames)
 
 

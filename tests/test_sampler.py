@@ -76,6 +76,9 @@ def test_linear_cfg_uses_the_clamped_count():
 def test_chunk_size():
   assert sampler.chunk_size((2, 3, 5, 6)) == 3
   assert sampler.chunk_size((1,) * 16) == 1
+  assert sampler.chunk_size((2, 3, 5, 6), overhead=4.0) == 6
+  plan = sampler.make_plan(tiny_models.settings("mar_mar", img_size_list=(16, 4, 1)), (16, 4), cfg=1.0)
+  assert plan.chunks == (1, 6)  # L=16, T=16: one patch a step; above the pixel head: padded to 6
 
 
 def test_guidance_filter_rule_on_hand_made_logits():
