@@ -61,3 +61,26 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config()
+
+
+def config_path_from_argv(argv: list[str]) -> str | None:
+  """The value of --config in a command line (`--config=F` or `--config F`), before absl parses it."""
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      return arg.split("=", 1)[1]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def exit_if_config_file_missing(argv: list[str]) -> None:
+  """A clear error instead of ml_collections' traceback when --config names no file."""
+  import pathlib
+  import sys
+
+  path = config_path_from_argv(argv)
+  if path is not None and not pathlib.Path(path.split(":", 1)[0]).is_file():
+    print(
+      f"error: config file {path!r} not found; the configs live in configs/ (e.g. configs/tiny.py).", file=sys.stderr
+    )
+    sys.exit(2)

@@ -31,7 +31,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fractal_jax import checkpoint_io, config_files, model_config, torch_layout, torch_pickle
+from fractal_jax import checkpoint_io, config_base, config_files, model_config, torch_layout, torch_pickle
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file of the model, e.g. configs/fractalmar_64.py (see configs/).", lock_config=True
@@ -202,4 +202,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  config_base.exit_if_config_file_missing(sys.argv)
   app.run(main)

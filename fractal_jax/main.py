@@ -21,7 +21,7 @@ cpu_flags.enable_fast_cpu_matmuls()  # before JAX starts
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fractal_jax import model_config  # noqa: E402
+from fractal_jax import config_base, model_config  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/fractalar_64.py (see configs/).", lock_config=True
@@ -94,6 +94,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
+  config_base.exit_if_config_file_missing(sys.argv)
   app.run(main)
 
 

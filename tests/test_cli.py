@@ -60,5 +60,6 @@ def test_bad_config_value_is_a_clear_error():
 
 def test_missing_config_file_is_a_clear_error():
   result = run_main("--config=configs/nope.py")
-  assert result.returncode != 0
-  assert "nope.py" in result.stderr
+  assert result.returncode == 2
+  assert "error: config file 'configs/nope.py' not found" in result.stderr
+  assert "Traceback" not in result.stderr
