@@ -1,0 +1,58 @@
+"""The training step: the loss decreases, and a resumed run repeats an uninterrupted one."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tiny_models
+
+from fractal_jax import fractal, model_config, optimizer, train_step
+
+
+@pytest.fixture(scope="module")
+def tiny_step(tiny_config):
+  s = model_config.settings(tiny_config.model)
+  model = fractal.build(s)
+  opt = optimizer.make_optimizer(optimizer.learning_rate_schedule(3e-3, warmup_steps=5, total_steps=200))
+  step = jax.jit(functools.partial(train_step.train_step, model, opt))
+  images = tiny_models.images_8bit(jax.random.key(0), 8, s.img_size)
+  labels = jnp.arange(8) % s.num_classes
+  state = train_step.init_state(tiny_models.init_params(s), opt)
+  return step, state, images, labels
+
+
+def _run(step, state, images, labels, num_steps):
+  losses = []
+  for _ in range(num_steps):
+    state, metrics = step(state, images, labels, jax.random.key(7))
+    losses.append(float(metrics["loss"]))
+  return state, losses
+
+
+def test_loss_decreases_on_tiny_config(tiny_step):
+  step, state, images, labels = tiny_step
+  state, losses = _run(step, state, images, labels, 40)
+  assert np.isfinite(losses).all()
+  assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.5, losses
+  assert int(state.step) == 40
+
+
+def test_resumed_equals_uninterrupted(tiny_step):
+  step, state, images, labels = tiny_step
+  straight, straight_losses = _run(step, state, images, labels, 6)
+  half, first = _run(step, state, images, labels, 3)
+  resumed_state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), half)  # as if restored from disk
+  resumed, second = _run(step, resumed_state, images, labels, 3)
+  assert first + second == straight_losses
+  jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
+
+
+def test_metrics(tiny_step):
+  step, state, images, labels = tiny_step
+  _, metrics = step(state, images, labels, jax.random.key(0))
+  assert {"loss", "pixel_loss", "pixel_ce_r", "pixel_ce_g", "pixel_ce_b", "grad_norm"} <= set(metrics)
+  assert float(metrics["grad_norm"]) > 0
