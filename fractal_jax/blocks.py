@@ -85,6 +85,18 @@ def swiglu_hidden(width: int) -> int:
   return -(-hidden // 256) * 256
 
 
+def attend_with_cache(
+  q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache, position: jax.Array
+) -> tuple[jax.Array, KVCache]:
+  """One decoding step: writes k, v [B, 1, N, H] at `position`, attends to positions 0..position."""
+  start = (0, position, 0, 0)
+  keys = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
+  values = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
+  valid = jnp.full((q.shape[0],), position + 1, jnp.int32)
+  out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), key_value_seq_lengths=valid)
+  return out, KVCache(keys, values)
+
+
 class LlamaAttention(nn.Module):
   width: int
   heads: int
@@ -116,12 +128,7 @@ class LlamaAttention(nn.Module):
     if cache is None:
       out = attention.dot_product_attention(q, k, v, causal=True)
     else:
-      start = (0, position, 0, 0)
-      keys = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start)
-      values = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start)
-      cache = KVCache(keys, values)
-      valid = jnp.full((batch,), position + 1, jnp.int32)  # keys 0..position
-      out = jax.nn.dot_product_attention(q, keys.astype(q.dtype), values.astype(q.dtype), key_value_seq_lengths=valid)
+      out, cache = attend_with_cache(q, k, v, cache, position)
     out = out.reshape(batch, length, self.width)
     return dense(self.width, self.dtype, self.param_dtype, use_bias=False, name="wo")(out), cache
 
@@ -179,18 +186,24 @@ class TimmAttention(nn.Module):
   param_dtype: Dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, cache: KVCache | None = None, position: jax.Array | None = None
+  ) -> tuple[jax.Array, KVCache | None]:
+    """x [B, T, D] -> ([B, T, D], cache); with a cache (causal decoding) T = 1 at `position`."""
     batch, length, _ = x.shape
     head_dim = self.width // self.heads
     qkv = dense(3 * self.width, self.dtype, self.param_dtype, name="qkv")(x)
     qkv = qkv.reshape(batch, length, 3, self.heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    probs_dropout = None
-    if self.attn_dropout > 0 and not self.deterministic:
-      probs_dropout = nn.Dropout(self.attn_dropout, deterministic=False)
-    out = attention.dot_product_attention(q, k, v, causal=self.causal, probs_dropout=probs_dropout)
+    if cache is not None:
+      out, cache = attend_with_cache(q, k, v, cache, position)
+    else:
+      probs_dropout = None
+      if self.attn_dropout > 0 and not self.deterministic:
+        probs_dropout = nn.Dropout(self.attn_dropout, deterministic=False)
+      out = attention.dot_product_attention(q, k, v, causal=self.causal, probs_dropout=probs_dropout)
     out = dense(self.width, self.dtype, self.param_dtype, name="proj")(out.reshape(batch, length, self.width))
-    return nn.Dropout(self.proj_dropout)(out, deterministic=self.deterministic)
+    return nn.Dropout(self.proj_dropout)(out, deterministic=self.deterministic), cache
 
 
 class TimmMlp(nn.Module):
@@ -209,7 +222,7 @@ class TimmMlp(nn.Module):
 
 
 class TimmBlock(nn.Module):
-  """Pre-norm ViT block of MAR levels and pixel heads. Call: (x [B, L, D], _) -> (x, None)."""
+  """Pre-norm ViT block of MAR levels and pixel heads. Call: (x [B, L, D], position, cache) -> (x, cache)."""
 
   width: int
   heads: int
@@ -221,10 +234,12 @@ class TimmBlock(nn.Module):
   deterministic: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, unused: Any = None, per_layer: None = None) -> tuple[jax.Array, None]:
-    del unused, per_layer
+  def __call__(
+    self, x: jax.Array, position: jax.Array | None = None, cache: KVCache | None = None
+  ) -> tuple[jax.Array, KVCache | None]:
+    """Full sequence (cache None), or one causal decoding step at `position` with this layer's cache."""
     h = layer_norm(self.dtype, self.param_dtype, name="norm1")(x)
-    x = x + TimmAttention(
+    h, cache = TimmAttention(
       self.width,
       self.heads,
       self.causal,
@@ -234,10 +249,11 @@ class TimmBlock(nn.Module):
       self.dtype,
       self.param_dtype,
       name="attn",
-    )(h)
+    )(h, cache, position)
+    x = x + h
     h = layer_norm(self.dtype, self.param_dtype, name="norm2")(x)
     mlp = TimmMlp(self.width, self.proj_dropout, self.deterministic, self.dtype, self.param_dtype, name="mlp")
-    return x + mlp(h), None
+    return x + mlp(h), cache
 
 
 def remat_policy(name: str) -> Any:

@@ -74,9 +74,9 @@ class MARLevel(nn.Module):
     self.layers = blocks.BlockStack(blocks.TimmBlock, block_kwargs, spec.depth, self.scan, self.remat)
     self.norm = blocks.layer_norm(self.dtype, self.param_dtype)
 
-  def guiding_logits(self, cond: jax.Array, ids: jax.Array, num_channels: int = 3) -> jax.Array:
-    """Guiding-pixel head: (middle cond [N, Dc], ids [N, 3]) -> logits [N, num_channels, 256]."""
-    return self.guiding_pixel_loss(cond, ids, num_channels)
+  def guiding_logits(self, cond: jax.Array, ids: jax.Array) -> jax.Array:
+    """Guiding-pixel head: (middle cond [N, Dc], ids [N, 3]) -> logits [N, 3, 256]."""
+    return self.guiding_pixel_loss(cond, ids)
 
   def __call__(
     self,

@@ -68,31 +68,53 @@ class PixelHead(nn.Module):
   scan: bool = True
   remat: str = "none"
 
-  @nn.compact
-  def __call__(self, cond: jax.Array, ids: jax.Array, num_channels: int = 3) -> jax.Array:
-    """Logits [N, num_channels, 256] of the first `num_channels` channels.
-
-    Sampling channel c needs only the first c + 1 tokens (causal attention),
-    so the sampler asks for `num_channels = c + 1`.
-    """
+  def setup(self) -> None:
     emb_init = nn.initializers.normal(0.02)
-    codebooks = [self.param(f"{c}_codebook", emb_init, (NUM_VALUES, self.width), self.param_dtype) for c in CHANNELS]
-    biases = [self.param(f"{c}_mlm_bias", nn.initializers.zeros, (1, NUM_VALUES), self.param_dtype) for c in CHANNELS]
-    tokens = [blocks.dense(self.width, self.dtype, self.param_dtype, name="cond_proj")(cond)]
-    tokens += [jnp.take(codebooks[c], ids[:, c], axis=0).astype(self.dtype) for c in range(num_channels - 1)]
-    x = jnp.stack(tokens, axis=1)  # [N, num_channels, W]
-    x = blocks.layer_norm(self.dtype, self.param_dtype, name="ln")(x)
-    x = blocks.BlockStack(
-      blocks.TimmBlock,
-      dict(width=self.width, heads=self.heads, causal=True, dtype=self.dtype, param_dtype=self.param_dtype),
-      depth=self.depth,
-      scan=self.scan,
-      remat=self.remat,
-      name="layers",
-    )(x)
-    x = blocks.layer_norm(self.dtype, self.param_dtype, name="norm")(x).astype(jnp.float32)
-    logits = [x[:, c] @ codebooks[c].astype(jnp.float32).T + biases[c].astype(jnp.float32) for c in range(num_channels)]
-    return jnp.stack(logits, axis=1)
+    self.codebooks = [
+      self.param(f"{c}_codebook", emb_init, (NUM_VALUES, self.width), self.param_dtype) for c in CHANNELS
+    ]
+    self.biases = [
+      self.param(f"{c}_mlm_bias", nn.initializers.zeros, (1, NUM_VALUES), self.param_dtype) for c in CHANNELS
+    ]
+    self.cond_proj = blocks.dense(self.width, self.dtype, self.param_dtype)
+    self.ln = blocks.layer_norm(self.dtype, self.param_dtype)
+    block_kwargs = dict(width=self.width, heads=self.heads, causal=True, dtype=self.dtype, param_dtype=self.param_dtype)
+    self.layers = blocks.BlockStack(blocks.TimmBlock, block_kwargs, self.depth, self.scan, self.remat)
+    self.norm = blocks.layer_norm(self.dtype, self.param_dtype)
+
+  def _token(self, cond: jax.Array, ids: jax.Array, position: int) -> jax.Array:
+    """Input token `position` [N, W]: the condition, then the R and G embeddings."""
+    if position == 0:
+      return self.cond_proj(cond)
+    return jnp.take(self.codebooks[position - 1], ids[:, position - 1], axis=0).astype(self.dtype)
+
+  def _logits(self, x: jax.Array, channel: int) -> jax.Array:
+    """Tied output layer in float32: x [N, W] -> [N, 256]."""
+    return x.astype(jnp.float32) @ self.codebooks[channel].astype(jnp.float32).T + self.biases[channel].astype(
+      jnp.float32
+    )
+
+  def __call__(self, cond: jax.Array, ids: jax.Array) -> jax.Array:
+    """Teacher-forced logits [N, 3, 256] of R, G, B (ids[:, 2] is unused)."""
+    x = jnp.stack([self._token(cond, ids, c) for c in range(3)], axis=1)  # [N, 3, W]
+    x = self.norm(self.layers(self.ln(x)))
+    return jnp.stack([self._logits(x[:, c], c) for c in range(3)], axis=1)
+
+  def init_cache(self, batch: int) -> blocks.KVCache:
+    """Empty KV cache [depth, N, 3, heads, head_dim] for `decode`."""
+    shape = (self.depth, batch, 3, self.heads, self.width // self.heads)
+    return blocks.KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+
+  def decode(
+    self, cond: jax.Array, ids: jax.Array, channel: int, cache: blocks.KVCache
+  ) -> tuple[jax.Array, blocks.KVCache]:
+    """Logits [N, 256] of `channel` given ids[:, :channel], adding one token to the cache.
+
+    Call with channel 0, 1, 2 in order; equals `__call__(cond, ids)[:, channel]`.
+    """
+    x = self.ln(self._token(cond, ids, channel)[:, None])
+    x, cache = self.layers(x, jnp.int32(channel), True, cache)
+    return self._logits(self.norm(x)[:, 0], channel), cache
 
 
 def pixel_losses(logits: jax.Array, targets: jax.Array, r_weight: float, train: bool) -> tuple[jax.Array, jax.Array]:

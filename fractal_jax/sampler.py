@@ -21,7 +21,8 @@ program holds one copy of each level's loop, nested. Per level:
   lower levels' work when every step is padded to the largest count. C is
   chosen on the host per level (`chunk_size`). With a guiding pixel the
   level first samples the patch's mean colour.
-* Pixel head: R, G, B in order. **The temperature multiplies the logits**
+* Pixel head: R, G, B in order, one new token each (KV cache).
+  **The temperature multiplies the logits**
   (official semantics: 1.1 sharpens). With guidance, where the conditional
   probability is below `filter_threshold` the unconditional logit becomes
   `max(u, c - max(c) + max(u))`, then `logits = u + cfg * (c - u)`.
@@ -192,18 +193,20 @@ class _Recursion:
   def level(self, index: int, conds: list[jax.Array], cfg: jax.Array, keys: jax.Array) -> jax.Array:
     """Samples N items of level `index`: [N, S, S, 3] normalised (conds are [G*N, Dc])."""
     if index == len(self.levels):
-      ids = self.pixel_ids(lambda m, *a: m.pixel_head(*a), conds[0], cfg, keys)
+      ids = self.pixel_ids(lambda m: m.pixel_head, conds[0], cfg, keys)
       return pixel_head.ids_to_pixels(ids)[:, None, None, :]
     if self.levels[index].kind == "ar":
       return self.ar(index, conds, cfg, keys)
     return self.mar(index, conds, cfg, keys)
 
-  def pixel_ids(self, logits_fn: Callable, cond: jax.Array, cfg: jax.Array, keys: jax.Array) -> jax.Array:
-    """R, G, B ids [N, 3] int32 of a pixel head (cond [G*N, Dc])."""
+  def pixel_ids(self, head: Callable, cond: jax.Array, cfg: jax.Array, keys: jax.Array) -> jax.Array:
+    """R, G, B ids [N, 3] int32 of the pixel head `head(model)` (cond [G*N, Dc]), KV-cached."""
     num = keys.shape[0]
     ids = jnp.zeros((num, 3), jnp.int32)
+    cache = self.call(lambda m: head(m).init_cache(cond.shape[0]))
     for channel in range(3):
-      logits = self.call(logits_fn, cond, self.dup(ids), channel + 1)[:, channel] * self.hyper.temperature
+      logits, cache = self.call(lambda m, *a, c=channel: head(m).decode(*a[:2], c, a[2]), cond, self.dup(ids), cache)
+      logits = logits * self.hyper.temperature
       if self.plan.guided:
         logits = guided_logits(logits[:num], logits[num:], cfg, self.hyper.filter_threshold)
       sampled = jax.vmap(jax.random.categorical)(_fold(keys, channel), logits)
@@ -252,7 +255,7 @@ class _Recursion:
     ranks = jnp.argsort(orders, axis=-1)  # [N, L] order index of each position
     guide = None
     if spec.guiding_pixel:
-      ids = self.pixel_ids(lambda m, *a: m.levels[index].guiding_logits(*a), conds[0], cfg, _fold(keys, _GUIDE_SALT))
+      ids = self.pixel_ids(lambda m: m.levels[index].guiding_pixel_loss, conds[0], cfg, _fold(keys, _GUIDE_SALT))
       guide = self.dup(pixel_head.ids_to_pixels(ids))
     lo, hi = jnp.asarray(schedule.lo, jnp.int32), jnp.asarray(schedule.hi, jnp.int32)
     if index == 0 and self.plan.cfg_schedule == "linear":

@@ -229,3 +229,24 @@ def test_unpatchify_of_patch_vectors_roundtrip():
   items = jax.random.normal(jax.random.key(0), (5, 2, 2, 3))
   vectors = sampler._patch_vectors(items)
   np.testing.assert_array_equal(patches.patches_as_images(vectors[None], 2), items)
+
+
+@pytest.mark.parametrize("family", ["mar_guiding_4", "ar_ar"])
+def test_cached_pixel_head_equals_teacher_forcing(family):
+  s, model, params = _bound(family)
+  cond_width = s.pixel.cond_width
+  cond = jax.random.normal(jax.random.key(0), (5, cond_width))
+  ids = jax.random.randint(jax.random.key(1), (5, 3), 0, 256)
+  forced = model.apply({"params": params}, cond, ids, method=lambda m, *a: m.pixel_head(*a))
+
+  def decode(params):
+    cache = model.apply({"params": params}, method=lambda m: m.pixel_head.init_cache(5))
+    out = []
+    for channel in range(3):
+      logits, cache = model.apply(
+        {"params": params}, cond, ids, cache, method=lambda m, c, i, k, ch=channel: m.pixel_head.decode(c, i, ch, k)
+      )
+      out.append(logits)
+    return jnp.stack(out, axis=1)
+
+  np.testing.assert_allclose(jax.jit(decode)(params), forced, rtol=1e-5, atol=1e-5)
