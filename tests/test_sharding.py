@@ -23,15 +23,19 @@ def test_resolve_shape():
     mesh.resolve_shape((-1, -1, 1), 8)
 
 
-def test_sharded_sampling_equals_single_device():
+def _run_on_8_devices(script: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  result = subprocess.run(
-    [sys.executable, str(ROOT / "tests" / "sharded_sampling_check.py")],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  command = [sys.executable, str(ROOT / "tests" / script)]
+  return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_sharded_sampling_equals_single_device():
+  result = _run_on_8_devices("sharded_sampling_check.py")
   assert result.returncode == 0, result.stdout + result.stderr
   assert "sharded sampling equals single-device sampling" in result.stdout
+
+
+def test_data_parallel_train_step_equals_single_device():
+  result = _run_on_8_devices("sharded_train_check.py")
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "sharded train step equals single-device step" in result.stdout
