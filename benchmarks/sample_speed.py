@@ -51,10 +51,7 @@ def paper(name: str):
 def measure(name: str, model_cfg, num_iter, batch: int, cfg: float, repeats: int) -> dict:
   settings = model_config.settings(model_cfg)
   model = fractal.build(settings)
-  side = settings.img_size
-  rngs = fractal.make_rngs(jax.random.key(0)) | {"params": jax.random.key(0)}
-  init = jax.jit(lambda: model.init(rngs, jnp.zeros((1, side, side, 3)), jnp.zeros((1,), jnp.int32), train=False))
-  params = init()["params"]
+  params = jax.jit(lambda key: fractal.init_params(model, key))(jax.random.key(0))
   plan = sampler.make_plan(settings, num_iter, cfg=cfg)
   labels = jnp.arange(batch) % settings.num_classes
   start = time.perf_counter()

@@ -31,7 +31,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fractal_jax import checkpoint_io, config_base, config_files, model_config, torch_layout, torch_pickle
+from fractal_jax import checkpoint_io, config_base, config_files, fractal, model_config, torch_layout, torch_pickle
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file of the model, e.g. configs/fractalmar_64.py (see configs/).", lock_config=True
@@ -51,10 +51,6 @@ EXPORT_SUFFIXES = (".npz", ".pth")
 
 class ConvertError(ValueError):
   """Bad converter arguments; the message says how to fix them."""
-
-
-def count_params(tree: Any) -> int:
-  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
 def matching_configs(shapes: Mapping[str, Sequence[int]]) -> list[str]:
@@ -118,7 +114,7 @@ def import_checkpoint(
   out = pathlib.Path(output_dir)
   _check_new_dir(out, "output_dir")
   state_dict = torch_pickle.read_state_dict(torch_checkpoint)
-  log(f"read {len(state_dict)} tensors ({count_params(state_dict):,} values) from {torch_checkpoint}")
+  log(f"read {len(state_dict)} tensors ({fractal.count_params(state_dict):,} values) from {torch_checkpoint}")
   params = convert_state_dict(state_dict, model_cfg)
   del state_dict
   existed = out.exists()
@@ -129,7 +125,7 @@ def import_checkpoint(
     if existed:
       out.mkdir()
     raise
-  log(f"wrote {count_params(params):,} parameters to {step_dir}; load them with --checkpoint={out}")
+  log(f"wrote {fractal.count_params(params):,} parameters to {step_dir}; load them with --checkpoint={out}")
   return out
 
 
@@ -149,7 +145,7 @@ def export_checkpoint(
       "tensor names; load it with {k: torch.from_numpy(v) for k, v in np.load(path).items()})"
     )
   params = checkpoint_io.load_params(checkpoint, model_cfg, step)
-  log(f"read {count_params(params):,} parameters from {checkpoint}")
+  log(f"read {fractal.count_params(params):,} parameters from {checkpoint}")
   state_dict = torch_layout.params_to_state_dict(params, model_settings)
   out.parent.mkdir(parents=True, exist_ok=True)
   (torch_pickle.save_pth if out.suffix == ".pth" else torch_pickle.save_npz)(state_dict, out)

@@ -34,6 +34,7 @@ noise instead of drawing them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -220,3 +221,19 @@ class FractalModel(nn.Module):
 
 def build(model_settings: ModelSettings) -> FractalModel:
   return FractalModel(model_settings)
+
+
+def init_params(model: FractalModel, key: jax.Array) -> Any:
+  """Freshly initialised parameters (the official initialisers) of `model`.
+
+  Wrap in `jax.jit` to allocate them, or `jax.eval_shape` for shapes only.
+  """
+  side = model.settings.img_size
+  rngs = make_rngs(key) | {"params": key}
+  images = jnp.zeros((1, side, side, 3), jnp.float32)
+  return model.init(rngs, images, jnp.zeros((1,), jnp.int32), train=False)["params"]
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a tree of arrays or shapes."""
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree)))

@@ -19,7 +19,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fractal_jax import fractal
 from fractal_jax.ar_level import ARLevel
@@ -42,18 +41,13 @@ class LevelRow:
   gflops_per_image: float
 
 
-def count_params(tree: Any) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+count_params = fractal.count_params
 
 
 def abstract_params(model_settings: ModelSettings) -> Any:
   """Parameter shapes of the whole model (ShapeDtypeStructs), without allocating."""
   model = fractal.build(model_settings)
-  side = model_settings.img_size
-  rngs = fractal.make_rngs(jax.random.key(0)) | {"params": jax.random.key(0)}
-  images = jnp.zeros((1, side, side, 3), jnp.float32)
-  labels = jnp.zeros((1,), jnp.int32)
-  return jax.eval_shape(lambda: model.init(rngs, images, labels, train=False))["params"]
+  return jax.eval_shape(lambda key: fractal.init_params(model, key), jax.random.key(0))
 
 
 def _flops(module: nn.Module, *args: Any) -> float:

@@ -71,13 +71,7 @@ def init_params(model_settings: model_config.ModelSettings, seed: int = 0) -> An
   Shapes come from `jax.eval_shape` and values from NumPy: nothing is compiled.
   """
   model = fractal.build(model_settings)
-  side = model_settings.img_size
-
-  def init(key):
-    rngs = fractal.make_rngs(key) | {"params": key}
-    return model.init(rngs, jnp.zeros((1, side, side, 3)), jnp.zeros((1,), jnp.int32), train=False)["params"]
-
-  shapes = jax.eval_shape(init, jax.random.key(0))
+  shapes = jax.eval_shape(lambda key: fractal.init_params(model, key), jax.random.key(0))
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
