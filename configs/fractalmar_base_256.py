@@ -12,6 +12,10 @@ def get_config():
   config.model.types = ("mar", "mar", "mar", "pixel")
   config.model.num_conds = 5
   config.model.guiding_pixel = True
+  # Training as the official recipe: ImageNet 256x256 (ImageFolder, ADM center crop, random flip),
+  # global batch 1024, lr 5e-5 * 1024 / 256, 800 epochs with 40 of warm-up.
+  config.train.global_batch = 1024
+  config.data.name = "imagefolder"  # --config.data.root=/path/to/imagenet (train/ and val/ inside)
   # Sampling as the paper's FID runs.
   config.sample.num_iter = (64, 16, 16)
   config.sample.cfg = 29.0

@@ -32,11 +32,14 @@ class ARLevel(nn.Module):
 
   def setup(self) -> None:
     spec = self.spec
-    self.patch_emb = blocks.dense(spec.width, self.dtype, self.param_dtype)
+    self.patch_emb = blocks.dense(spec.width, ("patch", "embed"), self.dtype, self.param_dtype)
     self.patch_emb_ln = blocks.layer_norm(self.dtype, self.param_dtype)
-    self.cond_emb = blocks.dense(spec.width, self.dtype, self.param_dtype)
+    self.cond_emb = blocks.dense(spec.width, ("cond", "embed"), self.dtype, self.param_dtype)
     self.pos_embed_learned = self.param(
-      "pos_embed_learned", nn.initializers.normal(0.02), (1, spec.seq_len + 1, spec.width), self.param_dtype
+      "pos_embed_learned",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "seq", "embed")),
+      (1, spec.seq_len + 1, spec.width),
+      self.param_dtype,
     )
     block_kwargs = dict(width=spec.width, heads=spec.heads, dtype=self.dtype, param_dtype=self.param_dtype)
     self.layers = blocks.BlockStack(blocks.LlamaBlock, block_kwargs, spec.depth, self.scan, self.remat)

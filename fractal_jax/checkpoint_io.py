@@ -29,6 +29,7 @@ import orbax.checkpoint as ocp
 from fractal_jax import blocks, config_files, model_config, summary, torch_layout
 
 PARAMS_ITEM = "params"
+EMA_ITEM = "ema_params"  # training checkpoints with EMA on
 CONFIG_ITEM = "config"
 # config.model fields that decide the parameters' shapes or what they mean.
 SHAPE_FIELDS = (
@@ -105,6 +106,12 @@ def save_params(directory: str | os.PathLike, params: Any, model_cfg: Any, step:
   return pathlib.Path(directory) / str(step)
 
 
+def resolve_directory(path: str | os.PathLike) -> pathlib.Path:
+  """A training workdir means its `checkpoints/` subdirectory; any other path is the checkpoint directory."""
+  path = pathlib.Path(path)
+  return path / "checkpoints" if (path / "checkpoints").is_dir() else path
+
+
 def latest_step(directory: str | os.PathLike) -> int | None:
   """The newest step of a checkpoint directory, or None if it has none (or does not exist)."""
   if not pathlib.Path(directory).is_dir():
@@ -138,6 +145,7 @@ def stored_model_config(directory: str | os.PathLike, step: int | None = None) -
   """
   if not pathlib.Path(directory).is_dir():
     raise CheckpointError(f"checkpoint directory {directory} not found")
+  directory = resolve_directory(directory)
   manager = _manager(directory, read_only=True)
   try:
     step = _resolve_step(manager, directory, step)
@@ -182,13 +190,18 @@ def check_model_config(stored: Mapping[str, Any], model_cfg: Any, directory: str
   raise CheckpointMismatchError("\n".join(lines))
 
 
-def load_params(directory: str | os.PathLike, model_cfg: Any, step: int | None = None) -> dict[str, Any]:
+def load_params(
+  directory: str | os.PathLike, model_cfg: Any, step: int | None = None, weights: str = "raw"
+) -> dict[str, Any]:
   """Restores the parameters of a checkpoint step (the newest if `step` is None) for `model_cfg`.
 
   Args:
-    directory: checkpoint directory (`save_params`, `python -m fractal_jax.convert`).
+    directory: checkpoint directory (`save_params`, `python -m fractal_jax.convert`)
+      or a training workdir (its `checkpoints/`).
     model_cfg: `config.model`; must agree with the stored config on `SHAPE_FIELDS`.
     step: which step; None for the newest.
+    weights: "raw", or "ema" for the moving average a training run with
+      `config.train.ema_decay > 0` keeps.
 
   Returns:
     The `"params"` collection as NumPy arrays of `model_cfg.param_dtype`,
@@ -200,19 +213,26 @@ def load_params(directory: str | os.PathLike, model_cfg: Any, step: int | None =
     CheckpointMismatchError: naming every differing field and the `--config` to use.
   """
   model_settings = model_config.settings(model_cfg)
+  directory = resolve_directory(directory)
   stored = stored_model_config(directory, step)
   check_model_config(stored, model_cfg, directory)
   target = summary.abstract_params(dataclasses.replace(model_settings, scan_blocks=True))
+  item = {"raw": PARAMS_ITEM, "ema": EMA_ITEM}[weights]
   manager = _manager(directory, read_only=True)
   try:
     step = _resolve_step(manager, directory, step)
+    if not (pathlib.Path(directory) / str(step) / item).is_dir():
+      raise CheckpointError(
+        f"{directory} step {step} has no {weights} weights ({item}); EMA weights exist only when training ran "
+        "with config.train.ema_decay > 0: use --weights=raw"
+      )
     try:
-      restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+      restored = manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
     except ValueError as error:
       raise CheckpointError(f"cannot restore the parameters of {directory} step {step}: {error}") from None
   finally:
     manager.close()
-  params = restored[PARAMS_ITEM]
+  params = restored[item]
   # orbax restores the stored shape even where the target's differs: check.
   torch_layout.check_param_shapes(params, dataclasses.replace(model_settings, scan_blocks=True))
   params = jax.tree.map(np.asarray, params)

@@ -45,6 +45,56 @@ def base_config() -> ml_collections.ConfigDict:
       batch_size=16,  # images per device step (a multiple of the data x fsdp devices)
     )
   )
+  # Training (--mode=train): the official recipe (REFERENCE_NOTES); paper configs set the batch.
+  config.train = ml_collections.ConfigDict(
+    dict(
+      global_batch=256,  # images per optimisation step, over all devices and hosts
+      base_lr=5e-5,  # peak lr = base_lr * global_batch / 256
+      min_lr=0.0,
+      epochs=800.0,
+      warmup_epochs=40.0,
+      num_steps=0,  # > 0: train this many steps instead of `epochs` (warm-up then in steps too)
+      warmup_steps=0,  # used with num_steps
+      weight_decay=0.05,
+      grad_clip=3.0,
+      grad_accum_steps=1,  # micro-batches per step (same update, less activation memory)
+      ema_decay=0.0,  # > 0 keeps an EMA of the weights (sample/eval choose it with --weights=ema)
+      init_from="",  # start from this checkpoint's weights (class table re-initialised if the classes differ)
+      log_every_steps=100,
+      checkpoint_every_steps=1000,
+      keep_checkpoints=3,  # the newest K ...
+      keep_every_steps=0,  # ... plus every step divisible by this (0: none)
+      eval_every_steps=5000,  # held-out NLL, a sample grid (and the digits quality figures) every N steps
+      eval_max_images=0,  # > 0: the periodic NLL uses at most this many held-out images
+      eval_num_samples=0,  # samples drawn for the periodic grid / quality figure (0: none)
+    )
+  )
+  config.data = ml_collections.ConfigDict(
+    dict(
+      name="imagefolder",  # "imagefolder" (<root>/<split>/<class>/*.JPEG), "tfds" or "digits" (built in)
+      root="",  # ImageFolder root (local or gs://)
+      tfds_name="imagenet2012",
+      tfds_data_dir="",
+      train_split="train",
+      eval_split="val",  # "validation" for tfds imagenet2012
+      random_flip=True,
+      worker_count=0,  # grain worker processes per host
+    )
+  )
+  # Logical parameter axes -> mesh axes (fractal_jax.sharding); None = replicated.
+  config.sharding_rules = (
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("qkv", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", None),
+    ("classes", None),
+    ("patch", None),
+    ("cond", None),
+    ("seq", None),
+    ("norm", None),
+    ("layers", None),
+  )
   config.mesh_shape = (-1, 1, 1)  # devices over ("data", "fsdp", "tensor"); -1 takes the rest
   return config
 

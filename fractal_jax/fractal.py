@@ -78,8 +78,15 @@ class FractalModel(nn.Module):
     dtype, param_dtype = jnp.dtype(s.dtype), jnp.dtype(s.param_dtype)
     common = dict(dtype=dtype, param_dtype=param_dtype, scan=s.scan_blocks, remat=s.remat_policy)
     init = nn.initializers.normal(0.02)
-    self.class_emb = nn.Embed(s.num_classes, s.class_width, embedding_init=init, param_dtype=param_dtype)
-    self.fake_latent = self.param("fake_latent", init, (1, s.class_width), param_dtype)
+    self.class_emb = nn.Embed(
+      s.num_classes,
+      s.class_width,
+      embedding_init=nn.with_logical_partitioning(init, ("classes", "embed")),
+      param_dtype=param_dtype,
+    )
+    self.fake_latent = self.param(
+      "fake_latent", nn.with_logical_partitioning(init, (None, "embed")), (1, s.class_width), param_dtype
+    )
     levels = []
     for spec in s.levels:
       if spec.kind == "ar":
@@ -228,6 +235,11 @@ def init_params(model: FractalModel, key: jax.Array) -> Any:
 
   Wrap in `jax.jit` to allocate them, or `jax.eval_shape` for shapes only.
   """
+  return nn.meta.unbox(boxed_params(model, key))
+
+
+def boxed_params(model: FractalModel, key: jax.Array) -> Any:
+  """`init_params` with every leaf still wrapped in its `nn.LogicallyPartitioned` box (logical axis names)."""
   side = model.settings.img_size
   rngs = make_rngs(key) | {"params": key}
   images = jnp.zeros((1, side, side, 3), jnp.float32)

@@ -6,7 +6,8 @@ run-specific I/O and selection flags are top-level. Every input is checked
 before anything is compiled; a bad one ends the run with `error: ...` and
 exit status 2.
 
-Modes: summary (level table), sample (images from a checkpoint).
+Modes: train (default; writes --workdir and resumes from it), summary
+(level table), sample (images from a checkpoint).
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ from fractal_jax import config_base, model_config  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/fractalar_64.py (see configs/).", lock_config=True
 )
-_MODE = flags.DEFINE_enum("mode", "summary", ["summary", "sample"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary", "sample"], "What to run.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "train: checkpoints, metrics and sample grids; a rerun resumes.")
+_STOP_AT_STEP = flags.DEFINE_integer(
+  "stop_at_step", 0, "train: end this run at this step (checkpointed; the schedule is unchanged, a rerun resumes)."
+)
+_WEIGHTS = flags.DEFINE_enum("weights", "raw", ["raw", "ema"], "sample: the raw or the EMA weights of a checkpoint.")
 _NO_FLOPS = flags.DEFINE_bool("no_flops", False, "summary: skip the FLOP count (parameters only, faster).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir (its latest step) or a converted checkpoint.")
 _LABELS = flags.DEFINE_string("labels", None, "sample: comma-separated class ids, e.g. 207,360 (-1: no class).")
@@ -63,11 +69,28 @@ def run_sample(config) -> None:
     output=_OUTPUT.value,
     output_dir=_OUTPUT_DIR.value,
     gif=_GIF.value,
+    weights=_WEIGHTS.value,
   )
   sample_mode.run(config, request)
 
 
-MODES: dict[str, Callable] = {"summary": run_summary, "sample": run_sample}
+def run_train(config) -> None:
+  from fractal_jax import distributed, trainer
+
+  distributed.log_runtime()
+  import jax
+
+  results = trainer.train(config, _WORKDIR.value, _STOP_AT_STEP.value)
+  host = f"process {jax.process_index()}/{jax.process_count()}: " if jax.process_count() > 1 else ""
+  train = {k.split("/")[-1]: v for k, v in results.items() if k.startswith("train/")}
+  if train:
+    print(f"{host}step {train['step']:.0f}: loss {train['loss']:.6f}")
+  evaluation = {k.split("/")[-1]: v for k, v in results.items() if k.startswith("eval/")}
+  if evaluation:
+    print(f"{host}final evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items()))
+
+
+MODES: dict[str, Callable] = {"train": run_train, "summary": run_summary, "sample": run_sample}
 
 
 def main(argv: Sequence[str]) -> None:
@@ -75,7 +98,10 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
-  from fractal_jax import checkpoint_io, mesh, sampler
+  from fractal_jax import distributed
+
+  distributed.maybe_initialize()  # before anything touches the devices
+  from fractal_jax import checkpoint_io, input_pipeline, mesh, sampler, trainer
 
   config = _CONFIG.value
   expected = (
@@ -83,6 +109,7 @@ def main(argv: Sequence[str]) -> None:
     checkpoint_io.CheckpointError,
     sampler.SampleError,
     mesh.MeshError,
+    input_pipeline.DataError,
     FileNotFoundError,
   )
   try:
@@ -91,6 +118,9 @@ def main(argv: Sequence[str]) -> None:
   except expected as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  except trainer.TrainingError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
 
 
 def run() -> None:

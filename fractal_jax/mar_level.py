@@ -43,16 +43,21 @@ class MARLevel(nn.Module):
   def setup(self) -> None:
     spec = self.spec
     init = nn.initializers.normal(0.02)
-    self.mask_token = self.param("mask_token", init, (1, 1, spec.width), self.param_dtype)
-    self.patch_emb = blocks.dense(spec.width, self.dtype, self.param_dtype)
+    self.mask_token = self.param(
+      "mask_token", nn.with_logical_partitioning(init, (None, None, "embed")), (1, 1, spec.width), self.param_dtype
+    )
+    self.patch_emb = blocks.dense(spec.width, ("patch", "embed"), self.dtype, self.param_dtype)
     self.patch_emb_ln = blocks.layer_norm(self.dtype, self.param_dtype)
-    self.cond_emb = blocks.dense(spec.width, self.dtype, self.param_dtype)
+    self.cond_emb = blocks.dense(spec.width, ("cond", "embed"), self.dtype, self.param_dtype)
     num_prefix = spec.num_conds + int(spec.guiding_pixel)
     self.pos_embed_learned = self.param(
-      "pos_embed_learned", init, (1, num_prefix + spec.seq_len, spec.width), self.param_dtype
+      "pos_embed_learned",
+      nn.with_logical_partitioning(init, (None, "seq", "embed")),
+      (1, num_prefix + spec.seq_len, spec.width),
+      self.param_dtype,
     )
     if spec.guiding_pixel:
-      self.pix_proj = blocks.dense(spec.width, self.dtype, self.param_dtype)
+      self.pix_proj = blocks.dense(spec.width, ("patch", "embed"), self.dtype, self.param_dtype)
       self.guiding_pixel_loss = PixelHead(
         width=GUIDING_HEAD["width"],
         depth=GUIDING_HEAD["depth"],

@@ -69,14 +69,20 @@ class PixelHead(nn.Module):
   remat: str = "none"
 
   def setup(self) -> None:
-    emb_init = nn.initializers.normal(0.02)
+    emb_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
     self.codebooks = [
       self.param(f"{c}_codebook", emb_init, (NUM_VALUES, self.width), self.param_dtype) for c in CHANNELS
     ]
     self.biases = [
-      self.param(f"{c}_mlm_bias", nn.initializers.zeros, (1, NUM_VALUES), self.param_dtype) for c in CHANNELS
+      self.param(
+        f"{c}_mlm_bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, (None, "vocab")),
+        (1, NUM_VALUES),
+        self.param_dtype,
+      )
+      for c in CHANNELS
     ]
-    self.cond_proj = blocks.dense(self.width, self.dtype, self.param_dtype)
+    self.cond_proj = blocks.dense(self.width, ("cond", "embed"), self.dtype, self.param_dtype)
     self.ln = blocks.layer_norm(self.dtype, self.param_dtype)
     block_kwargs = dict(width=self.width, heads=self.heads, causal=True, dtype=self.dtype, param_dtype=self.param_dtype)
     self.layers = blocks.BlockStack(blocks.TimmBlock, block_kwargs, self.depth, self.scan, self.remat)

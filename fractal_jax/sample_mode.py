@@ -25,6 +25,7 @@ class SampleRequest:
   output: str | None
   output_dir: str | None
   gif: str | None
+  weights: str = "raw"
 
 
 def parse_labels(request: SampleRequest, num_classes: int) -> np.ndarray:
@@ -75,7 +76,7 @@ def run(config, request: SampleRequest) -> None:
   device_mesh = mesh_lib.make_mesh(config.mesh_shape)
   per_step = mesh_lib.batch_size_per_step(device_mesh)
   batch = -(-min(int(sample_cfg.batch_size), len(labels)) // per_step) * per_step
-  params = checkpoint_io.load_params(request.checkpoint, config.model)
+  params = checkpoint_io.load_params(request.checkpoint, config.model, weights=request.weights)
   params = jax.device_put(params, mesh_lib.replicated(device_mesh))
   print(
     f"sampling {len(labels)} images of {model_settings.img_size}x{model_settings.img_size} in batches of {batch} "

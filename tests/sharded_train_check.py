@@ -1,7 +1,11 @@
 """Run by tests/test_sharding.py in a subprocess with 8 simulated CPU devices.
 
-One training step with the batch split over a (data=4, fsdp=2) mesh and
-replicated state equals the same step on one device. Exits non-zero otherwise.
+1. One training step with the batch over a (data=4, fsdp=2) mesh and the
+   parameters and optimizer state FSDP-sharded by the config's logical-axis
+   rules equals the same step on one device (loss and updated parameters).
+2. With fsdp=8, a state created born-sharded (`jit(init, out_shardings)`)
+   puts about 1/8 of the parameter and optimizer bytes on each device.
+Exits non-zero otherwise.
 """
 
 from __future__ import annotations
@@ -20,12 +24,18 @@ from jax.sharding import NamedSharding  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models  # noqa: E402
 
-from fractal_jax import fractal, mesh, optimizer, train_step  # noqa: E402
+from fractal_jax import fractal, mesh, optimizer, sharding, train_step  # noqa: E402
 
 
-def main() -> None:
-  assert jax.device_count() == 8, jax.devices()
-  s = tiny_models.settings("mar_2")
+def state_shardings(model, opt, device_mesh):
+  params = sharding.param_shardings(model, device_mesh)
+  abstract = jax.eval_shape(lambda: fractal.init_params(model, jax.random.key(0)))
+  replicated = mesh.replicated(device_mesh)
+  return train_step.TrainState(replicated, params, sharding.opt_state_shardings(opt, params, abstract, device_mesh))
+
+
+def check_step_equals_single_device() -> None:
+  s = tiny_models.settings("mar_2", widths=(16, 8))
   model = fractal.build(s)
   opt = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 2, 10))
   state = train_step.init_state(tiny_models.init_params(s), opt)
@@ -33,20 +43,20 @@ def main() -> None:
   labels = jnp.arange(8) % s.num_classes
   step = functools.partial(train_step.train_step, model, opt)
   key = jax.random.key(1)
-
   single_state, single_metrics = jax.jit(step)(state, images, labels, key)
 
   device_mesh = mesh.make_mesh((4, 2, 1))
+  shardings = state_shardings(model, opt, device_mesh)
+  kernel = shardings.params["levels_0"]["layers"]["blocks"]["mlp"]["fc1"]["kernel"]
+  assert kernel.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), kernel.spec
   replicated = mesh.replicated(device_mesh)
   batch = NamedSharding(device_mesh, mesh.batch_spec())
   sharded_step = jax.jit(
-    step,
-    in_shardings=(replicated, batch, batch, replicated),
-    out_shardings=(replicated, replicated),
+    step, in_shardings=(shardings, batch, batch, replicated), out_shardings=(shardings, replicated)
   )
   with jax.set_mesh(device_mesh):
     sharded_state, sharded_metrics = sharded_step(
-      jax.device_put(state, replicated), jax.device_put(images, batch), jax.device_put(labels, batch), key
+      jax.device_put(state, shardings), jax.device_put(images, batch), jax.device_put(labels, batch), key
     )
   np.testing.assert_allclose(sharded_metrics["loss"], single_metrics["loss"], rtol=1e-5)
   jax.tree.map(
@@ -57,5 +67,29 @@ def main() -> None:
   print("sharded train step equals single-device step")
 
 
+def check_fsdp_memory() -> None:
+  s = tiny_models.settings("ar_ar", widths=(64, 32, 16), heads=(2, 2, 2))
+  model = fractal.build(s)
+  opt = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 2, 10))
+  device_mesh = mesh.make_mesh((1, 8, 1))
+  shardings = state_shardings(model, opt, device_mesh)
+  with jax.set_mesh(device_mesh):
+    state = jax.jit(lambda k: train_step.init_state(fractal.init_params(model, k), opt), out_shardings=shardings)(
+      jax.random.key(0)
+    )
+  total = sum(x.nbytes for x in jax.tree.leaves((state.params, state.opt_state)))
+  per_device = sharding.bytes_per_device((state.params, state.opt_state))
+  assert len(per_device) == 8, per_device
+  worst = max(per_device.values())
+  print(f"fsdp=8: {total} bytes in all, at most {worst} per device ({worst / total:.3f} of the total)")
+  assert worst < 1.2 * total / 8, (worst, total)
+  # The same values as an unsharded init with the same key.
+  reference = jax.jit(lambda k: fractal.init_params(model, k))(jax.random.key(0))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), state.params, reference)
+  print("fsdp=8 holds about 1/8 of the state per device")
+
+
 if __name__ == "__main__":
-  main()
+  assert jax.device_count() == 8, jax.devices()
+  check_step_equals_single_device()
+  check_fsdp_memory()

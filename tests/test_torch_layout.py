@@ -70,12 +70,8 @@ def random_state_dict(settings: model_config.ModelSettings, seed: int = 0) -> di
 
 def model_param_shapes(settings: model_config.ModelSettings) -> dict[str, tuple[int, ...]]:
   model = fractal.build(settings)
-  side = settings.img_size
-  images = jnp.zeros((2, side, side, 3))
-  labels = jnp.zeros((2,), jnp.int32)
-  rngs = fractal.make_rngs(jax.random.key(0)) | {"params": jax.random.key(1)}
-  variables = jax.eval_shape(lambda: model.init(rngs, images, labels, train=False))
-  flat = jax.tree_util.tree_flatten_with_path(variables["params"])[0]
+  params = jax.eval_shape(lambda: fractal.init_params(model, jax.random.key(1)))
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
   return {"/".join(k.key for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
