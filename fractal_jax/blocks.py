@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from fractal_jax import attention, rotary
+from fractal_jax.dropout import Dropout
 
 Dtype = Any
 
@@ -208,10 +209,10 @@ class LlamaBlock(nn.Module):
       h, _ = attn(h, extra)
     else:
       h, cache = attn(h, extra.table, cache, extra.position)
-    x = x + nn.Dropout(self.resid_dropout)(h, deterministic=self.deterministic)
+    x = x + Dropout(self.resid_dropout)(h, deterministic=self.deterministic)
     h = RMSNorm(param_dtype=self.param_dtype, name="ffn_norm")(x)
     h = SwiGLU(self.width, self.dtype, self.param_dtype, name="feed_forward")(h)
-    x = x + nn.Dropout(self.ffn_dropout)(h, deterministic=self.deterministic)
+    x = x + Dropout(self.ffn_dropout)(h, deterministic=self.deterministic)
     return x, cache
 
 
@@ -240,12 +241,12 @@ class TimmAttention(nn.Module):
     else:
       probs_dropout = None
       if self.attn_dropout > 0 and not self.deterministic:
-        probs_dropout = nn.Dropout(self.attn_dropout, deterministic=False)
+        probs_dropout = Dropout(self.attn_dropout, deterministic=False)
       out = attention.dot_product_attention(q, k, v, causal=self.causal, probs_dropout=probs_dropout)
     out = dense(self.width, ("heads", "embed"), self.dtype, self.param_dtype, name="proj")(
       out.reshape(batch, length, self.width)
     )
-    return nn.Dropout(self.proj_dropout)(out, deterministic=self.deterministic), cache
+    return Dropout(self.proj_dropout)(out, deterministic=self.deterministic), cache
 
 
 class TimmMlp(nn.Module):
@@ -258,9 +259,9 @@ class TimmMlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = dense(4 * self.width, ("embed", "mlp"), self.dtype, self.param_dtype, name="fc1")(x)
-    h = nn.Dropout(self.dropout)(nn.gelu(h, approximate=False), deterministic=self.deterministic)
+    h = Dropout(self.dropout)(nn.gelu(h, approximate=False), deterministic=self.deterministic)
     h = dense(self.width, ("mlp", "embed"), self.dtype, self.param_dtype, name="fc2")(h)
-    return nn.Dropout(self.dropout)(h, deterministic=self.deterministic)
+    return Dropout(self.dropout)(h, deterministic=self.deterministic)
 
 
 class TimmBlock(nn.Module):

@@ -155,21 +155,25 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
-def _init_from(plan: Plan, params: Any, params_shardings: Any) -> Any:
-  """Weights of `config.train.init_from`; a class table of another size is replaced by the fresh one."""
-  source = checkpoint_io.resolve_directory(plan.config.train.init_from)
+def init_from_weights(config: Any, fresh_params: Any) -> Any:
+  """The weights of `config.train.init_from` (host arrays) for `config.model`.
+
+  A class table of another size (fine-tuning on other classes) is replaced
+  by `fresh_params["class_emb"]`, left as it is (e.g. already sharded).
+  """
+  source = checkpoint_io.resolve_directory(config.train.init_from)
   stored = checkpoint_io.stored_model_config(source)
-  model_cfg = ml_collections.ConfigDict(plan.config.model.to_dict())
+  model_cfg = ml_collections.ConfigDict(config.model.to_dict())
   model_cfg.num_classes = stored["num_classes"]
   loaded = checkpoint_io.load_params(source, model_cfg)
-  if stored["num_classes"] != plan.model_settings.num_classes:
+  if stored["num_classes"] != config.model.num_classes:
     logging.warning(
       "init_from: %d classes in the checkpoint, %d in the config: class table re-initialised",
       stored["num_classes"],
-      plan.model_settings.num_classes,
+      config.model.num_classes,
     )
-    loaded["class_emb"] = jax.device_get(params["class_emb"])
-  return jax.device_put(loaded, params_shardings)
+    loaded["class_emb"] = fresh_params["class_emb"]
+  return loaded
 
 
 def _global_batch(batch: dict[str, np.ndarray], batch_sharding: NamedSharding) -> tuple[jax.Array, jax.Array]:
@@ -333,7 +337,7 @@ def train(config: Any, workdir: str, stop_at_step: int = 0) -> dict[str, float]:
     state = checkpointer.restore(abstract, iterator)
     print(f"resumed from {checkpointer.directory}/{resumed_from}")
   elif train_cfg.init_from:
-    params = _init_from(plan, state.params, params_shardings)
+    params = jax.device_put(init_from_weights(config, state.params), params_shardings)
     with jax.set_mesh(plan.mesh):
       state = jax.jit(
         lambda p: train_step.init_state(p, tx, ema=use_ema),
@@ -366,13 +370,16 @@ def train(config: Any, workdir: str, stop_at_step: int = 0) -> dict[str, float]:
     writer.write_hparams(metrics_io.flat_hparams(config))
   from clu import periodic_actions
 
-  progress = periodic_actions.ReportProgress(num_train_steps=plan.total_steps, writer=writer, every_secs=None)
   progress_every = max(1, int(train_cfg.log_every_steps))
+  progress = periodic_actions.ReportProgress(
+    num_train_steps=plan.total_steps, writer=writer, every_steps=progress_every, every_secs=None
+  )
   preemption = _Preemption()
   pending: list[tuple[int, dict[str, jax.Array]]] = []
   last_saved = first_step
   results: dict[str, float] = {}
   last_train: dict[str, float] = {}
+  last_log = [first_step, time.perf_counter()]  # (step, time) of the previous log line
 
   def flush_metrics(step: int) -> None:
     """Checks every pending step's finiteness, then logs the mean of their metrics."""
@@ -389,6 +396,17 @@ def train(config: Any, workdir: str, stop_at_step: int = 0) -> dict[str, float]:
     scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1] if k != "finite"}
     scalars["learning_rate"] = float(schedule(step - 1))
     writer.write_scalars(step, scalars)
+    now = time.perf_counter()
+    rate = (step - last_log[0]) / max(now - last_log[1], 1e-9)
+    last_log[:] = [step, now]
+    if jax.process_index() == 0:
+      eta = (end_step - step) / max(rate, 1e-9)
+      print(
+        f"step {step}/{end_step}: loss {scalars['loss']:.4f}, grad norm {scalars['grad_norm']:.3f}, "
+        f"lr {scalars['learning_rate']:.3g}, {rate:.2f} steps/s ({rate * train_cfg.global_batch:.0f} images/s), "
+        f"ETA {eta / 60:.1f} min",
+        flush=True,
+      )
     last_train.update({f"train/{k}": v for k, v in scalars.items()} | {"train/step": float(step)})
     pending.clear()
 
@@ -403,7 +421,8 @@ def train(config: Any, workdir: str, stop_at_step: int = 0) -> dict[str, float]:
       step += 1
       if step == first_step + 1:
         jax.block_until_ready(metrics)
-        print(f"first step (compile included) took {time.perf_counter() - start:.1f} s")
+        print(f"first step (compile included) took {time.perf_counter() - start:.1f} s", flush=True)
+        last_log[:] = [step, time.perf_counter()]
       progress(step)
       last = step == end_step
       # Multi-host: orbax's preemption sync point makes every host agree on the step to save.

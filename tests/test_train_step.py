@@ -56,3 +56,39 @@ def test_metrics(tiny_step):
   _, metrics = step(state, images, labels, jax.random.key(0))
   assert {"loss", "pixel_loss", "pixel_ce_r", "pixel_ce_g", "pixel_ce_b", "grad_norm"} <= set(metrics)
   assert float(metrics["grad_norm"]) > 0
+
+
+def test_gradient_accumulation_equals_the_mean_over_micro_batches():
+  """The scanned accumulation equals a Python loop over the strided micro-batches with the same keys."""
+  s = tiny_models.settings("mar_2")
+  model = fractal.build(s)
+  params = tiny_models.init_params(s)
+  images = tiny_models.images_8bit(jax.random.key(0), 6, s.img_size)
+  labels = jnp.arange(6) % s.num_classes
+  key = jax.random.key(3)
+  aux, grads = jax.jit(lambda p: train_step._accumulated(model, p, images, labels, key, 3))(params)
+  parts = [
+    jax.jit(
+      lambda p, i=i: train_step._loss_and_grads(model, p, images[i::3], labels[i::3], jax.random.fold_in(key, i))
+    )(params)
+    for i in range(3)
+  ]
+  np.testing.assert_allclose(aux["loss"], np.mean([float(a["loss"]) for a, _ in parts]), rtol=1e-6)
+  expected = jax.tree.map(lambda *g: sum(g) / 3, *[g for _, g in parts])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, expected)
+
+
+def test_ema_follows_the_parameters():
+  s = tiny_models.settings("mar_2")
+  model = fractal.build(s)
+  opt = optimizer.make_optimizer(optimizer.learning_rate_schedule(3e-3, warmup_steps=1, total_steps=10))
+  state = train_step.init_state(tiny_models.init_params(s), opt, ema=True)
+  images = tiny_models.images_8bit(jax.random.key(0), 4, s.img_size)
+  step = jax.jit(functools.partial(train_step.train_step, model, opt, ema_decay=0.9))
+  new, _ = step(state, images, jnp.arange(4) % s.num_classes, jax.random.key(0))
+  jax.tree.map(
+    lambda e, old, p: np.testing.assert_allclose(e, 0.9 * old + 0.1 * p, rtol=1e-5, atol=1e-7),
+    new.ema_params,
+    state.params,
+    new.params,
+  )
