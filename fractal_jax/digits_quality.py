@@ -21,12 +21,12 @@ import functools
 import warnings
 
 import numpy as np
-import scipy.linalg
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
 from fractal_jax import datasets
+from fractal_jax.image_metrics import feature_statistics, frechet_distance
 
 NUM_CLASSES = 10
 BASE_SIZE = 8  # the digits' native resolution: the classifier sees 8x8 images
@@ -105,14 +105,6 @@ def _hidden(reference: _Reference, inputs: np.ndarray) -> np.ndarray:
   return np.maximum(pre_activation, 0.0)
 
 
-def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """float [N, D] features (N >= 2) -> (mean float64 [D], covariance float64 [D, D], unbiased as in FID tools)."""
-  features = np.asarray(features, dtype=np.float64)
-  if features.ndim != 2 or features.shape[0] < 2:
-    raise ValueError(f"features must have shape [N, D] with N >= 2, got {features.shape}")
-  return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
 @functools.cache
 def _reference() -> _Reference:
   """Trains the classifier on the real training split (deterministic, ~1 s) and measures it on the held-out split."""
@@ -147,42 +139,6 @@ def predict_labels(images: np.ndarray) -> np.ndarray:
   """uint8 [N, S, S, 3] images (S a multiple of 8) -> int64 [N] classes 0..9 predicted by the classifier."""
   reference = _reference()
   return reference.classifier.predict(reference.scaler.transform(to_features_input(images))).astype(np.int64)
-
-
-def frechet_distance(
-  mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
-) -> float:
-  """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2), as in FID.
-
-  d^2 = |mu1 - mu2|^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)). When the product is (nearly) singular (scipy
-  warns, or the square root is not finite), eps * I is added to both covariances and the root recomputed, as
-  pytorch-fid does; the real part of the square root is taken (numerical error can leave a tiny imaginary part).
-
-  Args:
-    mu1, mu2: float [D] means.
-    sigma1, sigma2: float [D, D] covariances (symmetric positive semi-definite).
-    eps: the diagonal offset used when the product is nearly singular.
-
-  Returns:
-    The squared Fréchet distance (the quantity FID reports), a Python float; ~0 (possibly -1e-10) for equal inputs.
-  """
-  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-  sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-  dim = mu1.shape[0]
-  if mu1.shape != (dim,) or mu2.shape != (dim,):
-    raise ValueError(f"means must both have shape [D], got {mu1.shape} and {mu2.shape}")
-  if sigma1.shape != (dim, dim) or sigma2.shape != (dim, dim):
-    raise ValueError(f"covariances must both have shape [{dim}, {dim}], got {sigma1.shape} and {sigma2.shape}")
-  diff = mu1 - mu2
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always", scipy.linalg.LinAlgWarning)
-    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-  singular = any(issubclass(w.category, scipy.linalg.LinAlgWarning) for w in caught)
-  if singular or not np.isfinite(covmean).all():
-    offset = np.eye(dim) * eps
-    covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-  covmean = np.real(covmean)
-  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
 
 
 def evaluate_samples(images: np.ndarray, intended_labels: np.ndarray) -> dict[str, float]:
