@@ -69,6 +69,14 @@ def base_config() -> ml_collections.ConfigDict:
       eval_num_samples=0,  # samples drawn for the periodic grid / quality figure (0: none)
     )
   )
+  # Evaluation (--mode=nll, fid, ref_stats).
+  config.eval = ml_collections.ConfigDict(
+    dict(
+      nll_passes=10,  # evaluation masks averaged per image at MAR levels (the official NLL protocol)
+      batch_size=64,  # images per step, over all devices and hosts
+      max_images=0,  # > 0: evaluate at most this many held-out images
+    )
+  )
   config.data = ml_collections.ConfigDict(
     dict(
       name="imagefolder",  # "imagefolder" (<root>/<split>/<class>/*.JPEG), "tfds" or "digits" (built in)

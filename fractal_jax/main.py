@@ -7,7 +7,7 @@ before anything is compiled; a bad one ends the run with `error: ...` and
 exit status 2.
 
 Modes: train (default; writes --workdir and resumes from it), summary
-(level table), sample (images from a checkpoint).
+(level table), sample (images from a checkpoint), nll (held-out bits/dim).
 """
 
 from __future__ import annotations
@@ -27,18 +27,20 @@ from fractal_jax import config_base, model_config  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/fractalar_64.py (see configs/).", lock_config=True
 )
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary", "sample"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary", "sample", "nll"], "What to run.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "train: checkpoints, metrics and sample grids; a rerun resumes.")
 _STOP_AT_STEP = flags.DEFINE_integer(
   "stop_at_step", 0, "train: end this run at this step (checkpointed; the schedule is unchanged, a rerun resumes)."
 )
-_WEIGHTS = flags.DEFINE_enum("weights", "raw", ["raw", "ema"], "sample: the raw or the EMA weights of a checkpoint.")
+_WEIGHTS = flags.DEFINE_enum(
+  "weights", "raw", ["raw", "ema"], "sample, nll: the raw or the EMA weights of a checkpoint."
+)
 _NO_FLOPS = flags.DEFINE_bool("no_flops", False, "summary: skip the FLOP count (parameters only, faster).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir (its latest step) or a converted checkpoint.")
 _LABELS = flags.DEFINE_string("labels", None, "sample: comma-separated class ids, e.g. 207,360 (-1: no class).")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "sample: N images, N / num_classes of each class.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed; image i uses fold_in(key(seed), i).")
-_OUTPUT = flags.DEFINE_string("output", None, "One output file (sample: a PNG grid).")
+_OUTPUT = flags.DEFINE_string("output", None, "One output file (sample: a PNG grid; nll: a JSON of the figures).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory for many outputs (sample: one PNG per image).")
 _GIF = flags.DEFINE_string("gif", None, "sample: animated GIF of the first batch after each level-0 step.")
 flags.mark_flags_as_required(["config"])
@@ -90,7 +92,13 @@ def run_train(config) -> None:
     print(f"{host}final evaluation: " + ", ".join(f"{k} {v:.4g}" for k, v in evaluation.items()))
 
 
-MODES: dict[str, Callable] = {"train": run_train, "summary": run_summary, "sample": run_sample}
+def run_nll(config) -> None:
+  from fractal_jax import nll_mode
+
+  nll_mode.run(config, _CHECKPOINT.value, _OUTPUT.value, _WEIGHTS.value)
+
+
+MODES: dict[str, Callable] = {"train": run_train, "summary": run_summary, "sample": run_sample, "nll": run_nll}
 
 
 def main(argv: Sequence[str]) -> None:

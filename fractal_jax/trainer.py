@@ -25,14 +25,12 @@ one never touches the workdir):
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
 import signal
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -186,37 +184,19 @@ def _global_batch(batch: dict[str, np.ndarray], batch_sharding: NamedSharding) -
 def evaluate(plan: Plan, params: Any, model: fractal.FractalModel, step: int, writer: Any) -> dict[str, float]:
   """Held-out bits/dim; a sample grid; the digits classifier figures (demo data). Writes and returns them."""
   config, results = plan.config, {}
-  batch_sharding = NamedSharding(plan.mesh, mesh_lib.batch_spec())
   if plan.eval_source is not None:
-    per_image = jax.jit(lambda p, x, i: nll.per_image_losses(model, p, x, jax.random.key(config.seed + 1), i))
-    totals, squares, count = 0.0, 0.0, 0
     batches = input_pipeline.eval_batches(
-      plan.eval_source,
-      image_size=plan.model_settings.img_size,
-      batch_size=plan.local_batch,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
+      plan.eval_source, image_size=plan.model_settings.img_size, batch_size=plan.local_batch
     )
-    limit = int(config.train.eval_max_images)
-    for index, batch in enumerate(batches):
-      images, _ = _global_batch(batch, batch_sharding)
-      mask = jax.make_array_from_process_local_data(batch_sharding, batch["mask"].astype(np.float32))
-      global_size = images.shape[0]
-      ids = jax.make_array_from_process_local_data(
-        batch_sharding,
-        (index * global_size + jax.process_index() * plan.local_batch + np.arange(plan.local_batch)).astype(np.int32),
-      )
-      bits = per_image(params, images, ids)["bits_per_dim"]
-      totals += float(jnp.sum(bits * mask))
-      squares += float(jnp.sum(bits * bits * mask))
-      count += int(jnp.sum(mask))
-      if limit and count >= limit:
-        break
-    mean = totals / max(count, 1)
-    variance = max(squares / max(count, 1) - mean * mean, 0.0)
-    results["eval/bits_per_dim"] = mean
-    results["eval/bits_per_dim_stderr"] = math.sqrt(variance / max(count - 1, 1))
-    results["eval/num_images"] = float(count)
+    figures = nll.evaluate(
+      plan.model_settings,
+      params,
+      batches,
+      plan.mesh,
+      jax.random.key(config.seed + 1),
+      max_images=int(config.train.eval_max_images),
+    )
+    results.update({f"eval/{k}": v for k, v in figures.items()})
   num_samples = int(config.train.eval_num_samples)
   if num_samples > 0:
     samples = sample_images(plan, model, params, num_samples)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -92,16 +93,44 @@ def committed_steps(workdir: pathlib.Path) -> list[int]:
 # --- in-process runs -------------------------------------------------------------------------
 
 
-def test_one_step_on_digits_writes_a_checkpoint_sampling_can_read(tmp_path):
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+  """Two steps on the digits with a periodic evaluation: (config, workdir, results)."""
+  workdir = tmp_path_factory.mktemp("digits_run")
   config = tiny_train_config(eval_every_steps=2, eval_num_samples=10, eval_max_images=16)
-  results = trainer.train(config, str(tmp_path), stop_at_step=2)
+  return config, workdir, trainer.train(config, str(workdir), stop_at_step=2)
+
+
+def test_two_steps_on_digits_write_a_checkpoint_sampling_can_read(digits_run):
+  config, workdir, results = digits_run
   assert np.isfinite(results["train/loss"]) and results["train/step"] == 2
   assert 0 < results["eval/bits_per_dim"] < 10 and results["eval/num_images"] >= 16
-  assert 0 <= results["eval/digits_accuracy"] <= 1
-  assert (tmp_path / "samples_0000002.png").is_file()
-  assert committed_steps(tmp_path) == [2]
-  params = checkpoint_io.load_params(tmp_path, config.model)  # a workdir is a checkpoint for the other modes
+  assert 0 <= results["eval/digits_accuracy"] <= 1 and results["eval/digits_frechet"] > 0
+  assert (workdir / "samples_0000002.png").is_file()
+  assert committed_steps(workdir) == [2]
+  records = metrics_io.read_jsonl(workdir)
+  assert [r["step"] for r in records if "loss" in r] == [1, 2]
+  assert any("eval/bits_per_dim" in r for r in records)
+  params = checkpoint_io.load_params(workdir, config.model)  # a workdir is a checkpoint for the other modes
   assert fractal.count_params(params) > 0
+
+
+def test_nll_mode_on_the_trained_checkpoint(digits_run, tmp_path):
+  _, workdir, _ = digits_run
+  output = tmp_path / "nll.json"
+  result = run_main(
+    *TINY_FLAGS,
+    "--mode=nll",
+    f"--checkpoint={workdir}",
+    "--config.eval.nll_passes=2",
+    "--config.eval.batch_size=50",
+    "--config.eval.max_images=100",
+    f"--output={output}",
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = json.loads(output.read_text())
+  assert 0 < figures["bits_per_dim"] < 10 and figures["num_images"] == 100
+  assert f"bits/dim: {figures['bits_per_dim']:.4f}" in result.stdout
 
 
 def _jpeg_tree(root: pathlib.Path, count: int = 12) -> None:
