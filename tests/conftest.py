@@ -22,3 +22,15 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def tiny_config():
   return load_config_file(str(ROOT / "configs" / "tiny.py"))
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+  """Two training steps of the shared tiny setup on the digits, with a periodic evaluation: (config, workdir, results)."""
+  from tiny_training import tiny_train_config
+
+  from fractal_jax import trainer
+
+  workdir = tmp_path_factory.mktemp("digits_run")
+  config = tiny_train_config(eval_every_steps=2, eval_num_samples=10, eval_max_images=16)
+  return config, workdir, trainer.train(config, str(workdir), stop_at_step=2)

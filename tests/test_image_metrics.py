@@ -74,3 +74,14 @@ def test_reference_statistics_round_trip_and_errors(tmp_path):
   np.savez(tmp_path / "bad.npz", mean=mu)
   with pytest.raises(ValueError, match="'mu' and 'sigma'"):
     image_metrics.load_reference_stats(tmp_path / "bad.npz", dim=4)
+
+
+@pytest.mark.parametrize("count", [20, 100])
+def test_fid_to_features_equals_the_full_computation(count):
+  rng = np.random.default_rng(4)
+  reference = rng.normal(size=(200, 64)) @ rng.normal(size=(64, 64))
+  features = rng.normal(0.3, 1.1, size=(count, 64))
+  mu, sigma = image_metrics.feature_statistics(reference)
+  full = image_metrics.frechet_distance(*image_metrics.feature_statistics(features), mu, sigma)
+  assert image_metrics.frechet_distance_to_features(features, mu, sigma) == pytest.approx(full, rel=1e-7)
+  assert full == pytest.approx(_fid_by_scipy(features, reference), rel=1e-6)

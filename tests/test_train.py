@@ -19,6 +19,7 @@ import tiny_models
 from conftest import ROOT
 from PIL import Image
 from test_cli import run_main
+from tiny_training import TINY_FLAGS, tiny_train_config
 
 from fractal_jax import (
   checkpoint_io,
@@ -31,33 +32,6 @@ from fractal_jax import (
   trainer,
 )
 from fractal_jax.config_base import load_config_file
-
-# A two-level model (8x8 digits: a MAR level over pixels, the pixel head) on the built-in digits, batch 8.
-# Every run shares one schedule (1000 steps) and stops early with `stop_at_step`, so that all runs compile
-# the same programs (the persistent compilation cache then serves them).
-MODEL = dict(img_size_list=(8, 1), widths=(16, 8), depths=(1, 1), heads=(2, 2), types=("mar", "pixel"), num_conds=2)
-TRAIN = dict(
-  global_batch=8, num_steps=1000, warmup_steps=2, log_every_steps=1, eval_every_steps=0, checkpoint_every_steps=1000
-)
-TINY_FLAGS = (
-  "--config=configs/tiny.py",
-  *(f"--config.model.{k}={v!r}".replace(" ", "") for k, v in MODEL.items()),
-  "--config.sample.num_iter=(4,)",
-  "--config.data.name=digits",
-  "--config.data.random_flip=False",
-  *(f"--config.train.{k}={v}" for k, v in TRAIN.items()),
-)
-
-
-def tiny_train_config(**train: object):
-  config = load_config_file(str(ROOT / "configs" / "tiny.py"))
-  config.model.update(MODEL)
-  config.sample.num_iter = (4,)
-  config.data.name = "digits"
-  config.data.random_flip = False
-  config.train.update(TRAIN)
-  config.train.update(train)
-  return config
 
 
 def losses(workdir: pathlib.Path) -> dict[int, float]:
@@ -91,14 +65,6 @@ def committed_steps(workdir: pathlib.Path) -> list[int]:
 
 
 # --- in-process runs -------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-  """Two steps on the digits with a periodic evaluation: (config, workdir, results)."""
-  workdir = tmp_path_factory.mktemp("digits_run")
-  config = tiny_train_config(eval_every_steps=2, eval_num_samples=10, eval_max_images=16)
-  return config, workdir, trainer.train(config, str(workdir), stop_at_step=2)
 
 
 def test_two_steps_on_digits_write_a_checkpoint_sampling_can_read(digits_run):
