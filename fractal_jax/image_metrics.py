@@ -3,7 +3,7 @@
 Pure NumPy/SciPy on host arrays (features come from `fractal_jax.inception`
 or any other extractor):
   * `frechet_distance` / `feature_statistics`: FID's formula, as pytorch-fid
-    and the ADM evaluator (float64, unbiased covariance, eps fallback);
+    and the ADM evaluator (float64, unbiased covariance; traces from symmetric eigendecompositions);
   * `inception_score`: exp(E_x KL(p(y|x) || p(y))) over `splits` equal
     splits (mean and standard deviation), from the Inception logits;
   * `precision_recall`: the k-NN manifold estimate of Kynkaanniemi et al.
