@@ -37,7 +37,16 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from fractal_jax import checkpoint_io, image_io, image_metrics, inception, input_pipeline, model_config, sampler
+from fractal_jax import (
+  checkpoint_io,
+  image_io,
+  image_metrics,
+  inception,
+  input_pipeline,
+  model_config,
+  sample_mode,
+  sampler,
+)
 from fractal_jax import mesh as mesh_lib
 
 SHARD_PATTERN = "shard_{:05d}.npz"
@@ -126,16 +135,7 @@ def run_fid(config: Any, request: FidRequest) -> dict[str, float]:
   per_step = mesh_lib.batch_size_per_step(device_mesh)
   batch = -(-int(config.sample.batch_size) // per_step) * per_step
   sample_cfg = config.sample
-  try:
-    plan = sampler.make_plan(
-      model_settings,
-      sample_cfg.num_iter,
-      cfg=float(sample_cfg.cfg),
-      cfg_schedule=sample_cfg.cfg_schedule,
-      temperature=float(sample_cfg.temperature),
-    )
-  except sampler.SampleError as error:
-    raise model_config.ConfigError(f"config.sample: {error}") from error
+  plan = sample_mode.plan_from_config(model_settings, sample_cfg)
   params = checkpoint_io.load_params(request.checkpoint, config.model, weights=request.weights)
   params = jax.device_put(params, mesh_lib.replicated(device_mesh))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -53,21 +54,28 @@ def parse_labels(request: SampleRequest, num_classes: int) -> np.ndarray:
   raise model_config.ConfigError("say what to sample: --labels=207,360,... or --num_images=N")
 
 
-def run(config, request: SampleRequest) -> None:
-  """Validates everything, then loads, compiles, samples and writes."""
-  model_settings = model_config.settings(config.model)
-  sample_cfg = config.sample
+def plan_from_config(
+  model_settings: model_config.ModelSettings, sample_cfg: Any, record_frames: bool = False
+) -> sampler.SamplePlan:
+  """`sampler.make_plan` from `config.sample`; a bad setting is a ConfigError naming the field."""
   try:
-    plan = sampler.make_plan(
+    return sampler.make_plan(
       model_settings,
       sample_cfg.num_iter,
       cfg=float(sample_cfg.cfg),
       cfg_schedule=sample_cfg.cfg_schedule,
       temperature=float(sample_cfg.temperature),
-      record_frames=bool(request.gif),
+      record_frames=record_frames,
     )
   except sampler.SampleError as error:
     raise model_config.ConfigError(f"config.sample: {error}") from error
+
+
+def run(config, request: SampleRequest) -> None:
+  """Validates everything, then loads, compiles, samples and writes."""
+  model_settings = model_config.settings(config.model)
+  sample_cfg = config.sample
+  plan = plan_from_config(model_settings, sample_cfg, record_frames=bool(request.gif))
   labels = parse_labels(request, model_settings.num_classes)
   if not (request.output or request.output_dir or request.gif):
     raise model_config.ConfigError("nothing to write: give --output=grid.png, --output_dir=<dir> and/or --gif=<path>")

@@ -46,6 +46,7 @@ from fractal_jax import (
   model_config,
   nll,
   optimizer,
+  sample_mode,
   sampler,
   sharding,
   train_checkpoints,
@@ -100,6 +101,8 @@ def prepare(config: Any, workdir: str) -> Plan:
     )
   if batch % jax.process_count():
     raise model_config.ConfigError(f"config.train.global_batch={batch} is not divisible by {jax.process_count()} hosts")
+  if train_cfg.eval_every_steps > 0 and train_cfg.eval_num_samples > 0:
+    sample_mode.plan_from_config(model_settings, config.sample)  # a bad config.sample fails now, not at step N
   train_source = input_pipeline.make_source(config.data, config.data.train_split)
   eval_source = None
   if train_cfg.eval_every_steps > 0:
@@ -222,13 +225,7 @@ def sample_images(plan: Plan, model: fractal.FractalModel, params: Any, num_imag
   sample_cfg = plan.config.sample
   per_step = mesh_lib.batch_size_per_step(plan.mesh)
   batch = -(-min(int(sample_cfg.batch_size), num_images) // per_step) * per_step
-  sample_plan = sampler.make_plan(
-    plan.model_settings,
-    sample_cfg.num_iter,
-    cfg=float(sample_cfg.cfg),
-    cfg_schedule=sample_cfg.cfg_schedule,
-    temperature=float(sample_cfg.temperature),
-  )
+  sample_plan = sample_mode.plan_from_config(plan.model_settings, sample_cfg)
   labels = (np.arange(num_images + batch) % plan.model_settings.num_classes).astype(np.int32)
   key = jax.random.key(plan.config.seed + 2)
   out = []
