@@ -67,6 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
       eval_every_steps=5000,  # held-out NLL, a sample grid (and the digits quality figures) every N steps
       eval_max_images=0,  # > 0: the periodic NLL uses at most this many held-out images
       eval_num_samples=0,  # samples drawn for the periodic grid / quality figure (0: none)
+      eval_fid_stats="",  # reference statistics (.npz): a small FID of those samples at every evaluation
+      eval_inception="",  # Inception weight file for eval_fid_stats (default: default_1.pt when installed)
     )
   )
   # Evaluation (--mode=nll, fid, ref_stats).

@@ -73,6 +73,7 @@ class Plan:
   warmup_steps: int
   peak_lr: float
   local_batch: int
+  extractor: Any = None  # Inception for the periodic FID, loaded in `prepare` when configured
 
 
 def _steps(train_cfg: Any, num_examples: int) -> tuple[int, int]:
@@ -103,6 +104,17 @@ def prepare(config: Any, workdir: str) -> Plan:
     raise model_config.ConfigError(f"config.train.global_batch={batch} is not divisible by {jax.process_count()} hosts")
   if train_cfg.eval_every_steps > 0 and train_cfg.eval_num_samples > 0:
     sample_mode.plan_from_config(model_settings, config.sample)  # a bad config.sample fails now, not at step N
+  extractor = None
+  if train_cfg.eval_fid_stats:
+    from fractal_jax import fid_mode, image_metrics, inception
+
+    if train_cfg.eval_num_samples < 2:
+      raise model_config.ConfigError("config.train.eval_fid_stats needs config.train.eval_num_samples >= 2")
+    try:
+      image_metrics.load_reference_stats(train_cfg.eval_fid_stats, dim=inception.POOL_DIM)
+    except ValueError as error:
+      raise model_config.ConfigError(f"config.train.eval_fid_stats: {error}") from None
+    extractor = fid_mode.Extractor(train_cfg.eval_inception or None)
   train_source = input_pipeline.make_source(config.data, config.data.train_split)
   eval_source = None
   if train_cfg.eval_every_steps > 0:
@@ -134,6 +146,7 @@ def prepare(config: Any, workdir: str) -> Plan:
     warmup_steps=warmup,
     peak_lr=optimizer.peak_learning_rate(train_cfg.base_lr, batch),
     local_batch=batch // jax.process_count(),
+    extractor=extractor,
   )
 
 
@@ -216,8 +229,21 @@ def evaluate(plan: Plan, params: Any, model: fractal.FractalModel, step: int, wr
       results["eval/digits_accuracy"] = quality["accuracy"]
       results["eval/digits_frechet"] = quality["frechet_distance"]
       results["eval/digits_real_frechet"] = quality["real_frechet_distance"]
+    if config.train.eval_fid_stats:
+      results["eval/fid"] = small_fid(plan, samples)
   writer.write_scalars(step, results)
   return results
+
+
+def small_fid(plan: Plan, samples: np.ndarray) -> float:
+  """FID of the periodic evaluation's samples against `config.train.eval_fid_stats` (few samples: biased up)."""
+  from fractal_jax import fid_mode, image_metrics, inception
+
+  if plan.extractor is None:
+    plan.extractor = fid_mode.Extractor(plan.config.train.eval_inception or None)
+  reference = image_metrics.load_reference_stats(plan.config.train.eval_fid_stats, dim=inception.POOL_DIM)
+  pool = np.asarray(plan.extractor(jax.numpy.asarray(samples))["pool"])
+  return image_metrics.frechet_distance_to_features(pool, *reference)
 
 
 def sample_images(plan: Plan, model: fractal.FractalModel, params: Any, num_images: int) -> np.ndarray:

@@ -40,9 +40,11 @@ def test_fid_resumes_from_finished_shards_with_the_same_result(digits_run, ref_s
   shards = sorted(p.name for p in run_dir.glob("shard_*.npz"))
   assert shards == ["shard_00000.npz", "shard_00001.npz"]
 
-  # As after a kill during shard 1: shard 0 is kept, shard 1 is gone. The rerun samples only shard 1.
+  # The state a kill -9 during shard 1 leaves (shards are written to a temporary name, then renamed): shard 0
+  # done, shard 1 absent or half-written under its temporary name. The rerun samples only shard 1.
   kept = (run_dir / "shard_00000.npz").stat().st_mtime_ns
   (run_dir / "shard_00001.npz").unlink()
+  (run_dir / "shard_00001.tmp.npz").write_bytes(b"PK\x03\x04 truncated")
   second = run_main(*flags, f"--output_dir={run_dir}", f"--output={output}")
   assert second.returncode == 0, second.stderr[-3000:]
   assert "1 shards already done" in second.stdout
