@@ -27,10 +27,13 @@ def tiny_config():
 @pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
   """Two training steps of the shared tiny setup on the digits, with a periodic evaluation: (config, workdir, results)."""
+  import numpy as np
   from tiny_training import tiny_train_config
 
   from fractal_jax import trainer
 
   workdir = tmp_path_factory.mktemp("digits_run")
-  config = tiny_train_config(eval_every_steps=2, eval_num_samples=10, eval_max_images=16)
+  stats = workdir.parent / "unit_gaussian_stats.npz"  # any statistics do for checking the periodic FID runs
+  np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
+  config = tiny_train_config(eval_every_steps=2, eval_num_samples=10, eval_max_images=16, eval_fid_stats=str(stats))
   return config, workdir, trainer.train(config, str(workdir), stop_at_step=2)

@@ -72,6 +72,7 @@ def test_two_steps_on_digits_write_a_checkpoint_sampling_can_read(digits_run):
   assert np.isfinite(results["train/loss"]) and results["train/step"] == 2
   assert 0 < results["eval/bits_per_dim"] < 10 and results["eval/num_images"] >= 16
   assert 0 <= results["eval/digits_accuracy"] <= 1 and results["eval/digits_frechet"] > 0
+  assert results["eval/fid"] > 0  # the small FID against the fixture's statistics
   assert (workdir / "samples_0000002.png").is_file()
   assert committed_steps(workdir) == [2]
   records = metrics_io.read_jsonl(workdir)
