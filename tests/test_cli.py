@@ -44,7 +44,7 @@ def test_config_override_changes_the_model():
   assert result.returncode == 0, result.stderr
   count = int(re.search(r"parameters: ([\d,]+)", result.stdout).group(1).replace(",", ""))
   base = int(
-    re.search(r"parameters: ([\d,]+)", run_main("--config=configs/tiny.py", "--no_flops").stdout)
+    re.search(r"parameters: ([\d,]+)", run_main("--config=configs/tiny.py", "--mode=summary", "--no_flops").stdout)
     .group(1)
     .replace(",", "")
   )
