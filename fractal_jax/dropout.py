@@ -30,9 +30,7 @@ def _rotate_left(x: jax.Array, bits: int) -> jax.Array:
   return lax.shift_left(x, np.uint32(bits)) | lax.shift_right_logical(x, np.uint32(32 - bits))
 
 
-def threefry2x32(
-  key1: jax.Array, key2: jax.Array, x1: jax.Array, x2: jax.Array
-) -> tuple[jax.Array, jax.Array]:
+def threefry2x32(key1: jax.Array, key2: jax.Array, x1: jax.Array, x2: jax.Array) -> tuple[jax.Array, jax.Array]:
   """The Threefry-2x32 hash (20 rounds) of counters (x1, x2), unrolled; equals JAX's `threefry2x32_p`."""
   ks = (key1, key2, key1 ^ key2 ^ np.uint32(0x1BD11BDA))
   x1 = x1 + ks[0]
@@ -76,9 +74,7 @@ class Dropout(nn.Dropout):
   """`nn.Dropout` with `bernoulli` above: the same rng (same module names), masks and outputs."""
 
   @nn.compact
-  def __call__(
-    self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None
-  ) -> jax.Array:
+  def __call__(self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None) -> jax.Array:
     deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
     if self.rate == 0.0 or deterministic:
       return inputs
