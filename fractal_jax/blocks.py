@@ -20,6 +20,7 @@ the two layouts, and the two paths compute the same function.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -91,8 +92,70 @@ def dense(
   )
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Dtype) -> jax.Array:
+  return _layer_norm_forward(x, scale, bias, epsilon, dtype)[0]
+
+
+def _layer_norm_forward(
+  x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype: Dtype
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """`nn.LayerNorm`'s forward op for op (fast variance, float32 statistics); also returns (mean, 1/std)."""
+  x32 = x.astype(jnp.promote_types(dtype, jnp.float32))
+  mean = x32.mean(-1)
+  var = jnp.maximum(0.0, jax.lax.square(x32).mean(-1) - jax.lax.square(mean))
+  mean = mean[..., None]
+  rstd = jax.lax.rsqrt(var[..., None] + epsilon)
+  y = (x - mean) * (rstd * scale) + bias
+  return jnp.asarray(y, dtype), (mean, rstd)
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):  # noqa: ANN001, ANN202
+  y, (mean, rstd) = _layer_norm_forward(x, scale, bias, epsilon, dtype)
+  return y, (x, scale, mean, rstd)
+
+
+def _layer_norm_bwd(epsilon, dtype, residuals, dy):  # noqa: ANN001, ANN202
+  """The LayerNorm gradient, from x and the row statistics (autodiff would keep [.., D] products instead)."""
+  del epsilon
+  x, scale, mean, rstd = residuals
+  dy = dy.astype(jnp.float32)
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  rows = tuple(range(dy.ndim - 1))
+  dbias = dy.sum(rows)
+  dscale = (dy * xhat).sum(rows)
+  g = dy * scale.astype(jnp.float32)
+  dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.LayerNorm):
+  """`nn.LayerNorm` (same parameters and forward) whose gradient is written out.
+
+  Autodiff of `nn.LayerNorm` stores the full-size product 1/std * scale for
+  the backward pass and reduces more than it needs to; on CPU the written-out
+  gradient is ~1.5x faster. Supports the configuration `layer_norm` builds:
+  normalisation and parameters over the last axis, scale and bias.
+  """
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    if mask is not None or self.axis_name is not None or self.reduction_axes != -1 or self.feature_axes != -1:
+      return super().__call__(x, mask=mask)
+    if not (self.use_bias and self.use_scale and self.use_fast_variance and self.force_float32_reductions):
+      return super().__call__(x, mask=mask)
+    features = (x.shape[-1],)
+    scale = self.param("scale", self.scale_init, features, self.param_dtype)
+    bias = self.param("bias", self.bias_init, features, self.param_dtype)
+    dtype = self.dtype if self.dtype is not None else jnp.result_type(x, scale, bias)
+    return _layer_norm(x, scale, bias, self.epsilon, jnp.dtype(dtype))
+
+
 def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-  return nn.LayerNorm(
+  return LayerNorm(
     epsilon=1e-6,
     dtype=dtype,
     param_dtype=param_dtype,
@@ -122,6 +185,17 @@ def swiglu_hidden(width: int) -> int:
   """LlamaGen's SwiGLU width: int(2 * 4D / 3) rounded up to a multiple of 256."""
   hidden = int(2 * (4 * width) / 3)
   return -(-hidden // 256) * 256
+
+
+def split_qkv(qkv: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """[B, L, 3, N, H] -> q, k, v [B, L, N, H] each.
+
+  With `jnp.split` (whose gradient is a concatenation) rather than indexing
+  (whose gradients XLA pads and sums, in one large fusion): the pixel head's
+  attention backward is ~1.5x faster on CPU.
+  """
+  q, k, v = jnp.split(qkv, 3, axis=2)
+  return q[:, :, 0], k[:, :, 0], v[:, :, 0]
 
 
 def attend_with_cache(
@@ -161,7 +235,7 @@ class LlamaAttention(nn.Module):
     head_dim = self.width // self.heads
     qkv = dense(3 * self.width, ("embed", "qkv"), self.dtype, self.param_dtype, use_bias=False, name="wqkv")(x)
     qkv = qkv.reshape(batch, length, 3, self.heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = split_qkv(qkv)
     q = rotary.apply_rotary(q, table)
     k = rotary.apply_rotary(k, table)
     if cache is None:
@@ -235,7 +309,7 @@ class TimmAttention(nn.Module):
     head_dim = self.width // self.heads
     qkv = dense(3 * self.width, ("embed", "qkv"), self.dtype, self.param_dtype, name="qkv")(x)
     qkv = qkv.reshape(batch, length, 3, self.heads, head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = split_qkv(qkv)
     if cache is not None:
       out, cache = attend_with_cache(q, k, v, cache, position)
     else:
