@@ -32,6 +32,24 @@ once and duplicated); level 0 follows `cfg_schedule` ("linear": AR
 `1 + (cfg-1)(t+1)/L`, MAR `1 + (cfg-1)(L - m_t)/L` with m_t the clamped
 count; "constant": cfg) and lower levels get the current value as a constant.
 
+Editing (`known`): some pixels are given and kept; the rest are sampled
+conditioned on them. Every level receives its items' known pixels and mask.
+The pixel head forces known R, G, B values (so later channels condition on
+them). An AR level forces known pixels in raster order: a fully known patch
+is not sampled (its children are skipped) but still enters the KV cache, so
+later patches see it; AR cannot look ahead at known pixels below or to the
+right of the current patch. A MAR level puts its fully known patches at the
+end of each item's random order: they are visible from the first step, and
+the cosine schedule runs over the U unknown patches only, with
+`T_U = min(U, ceil(T * U / L))` steps (the same pace, patches per step, as
+full generation; `T_L = T`) and level-0 linear guidance progressing over U.
+Schedules for every U are tables computed on the host (float64 formula).
+A partly known patch counts as unknown at its level (the level sees it
+masked) and its child level is given its known pixels; a MAR level's guiding
+pixel (mean colour) is sampled from the level's condition as in plain
+sampling, even for a partly known patch. With nothing known the program
+computes exactly plain sampling.
+
 Randomness: item keys, not batch positions. Image i uses `fold_in(key, i)`;
 the child of patch p of an item uses `fold_in(item_key, p)`. Images are
 therefore independent of the batch size, the chunk size and the device
@@ -68,6 +86,60 @@ PIXEL_CALL_OVERHEAD = 4.0
 
 class SampleError(ValueError):
   """Bad sampling input; the message says what to change."""
+
+
+class Known(NamedTuple):
+  """Known pixels of N items of side s: kept bit-exact by the sampler."""
+
+  ids: jax.Array  # [N, s, s, 3] int32 pixel values 0..255 (ignored where unknown)
+  mask: jax.Array  # [N, s, s] bool, True where known
+
+
+def _known_patches(known: Known, patch_size: int) -> Known:
+  """Splits items into their L patches in raster order: ids [N, L, P, P, 3], mask [N, L, P, P]."""
+  num, side = known.mask.shape[:2]
+  grid = side // patch_size
+
+  def split(x: jax.Array) -> jax.Array:
+    x = x.reshape(num, grid, patch_size, grid, patch_size, *x.shape[3:])
+    x = jnp.swapaxes(x, 2, 3)  # [N, G, G, P, P, ...]
+    return x.reshape(num, grid * grid, patch_size, patch_size, *x.shape[5:])
+
+  return Known(split(known.ids), split(known.mask))
+
+
+def _take_known(known: Known, positions: jax.Array) -> Known:
+  """Patches at `positions` [N, C] of Known with a patch axis -> items [N*C, P, P(, 3)]."""
+
+  def take(x: jax.Array) -> jax.Array:
+    index = positions.reshape(positions.shape + (1,) * (x.ndim - 2))
+    picked = jnp.take_along_axis(x, index, axis=1)
+    return picked.reshape(-1, *x.shape[2:])
+
+  return Known(take(known.ids), take(known.mask))
+
+
+@functools.lru_cache(maxsize=64)
+def edit_schedules(seq_len: int, num_iter: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """Host tables of the MAR schedule over U unknown patches, for every U in 0..L.
+
+  Returns (lo, hi, progress) [L+1, T] and steps [L+1]: with U unknown
+  patches, step t < steps[U] predicts order positions [lo, hi) of the
+  mar_schedule(U, T_U) with T_U = min(U, ceil(T * U / L)); progress is
+  (U - mask_len_t) / U for level-0 linear guidance. Rows U = L are the plain
+  schedule. Steps past T_U predict nothing (lo = hi = 0).
+  """
+  lo = np.zeros((seq_len + 1, num_iter), np.int32)
+  hi = np.zeros_like(lo)
+  progress = np.ones((seq_len + 1, num_iter), np.float32)
+  steps = np.zeros(seq_len + 1, np.int32)
+  for unknown in range(1, seq_len + 1):
+    schedule = mar_schedule(unknown, min(unknown, -(-num_iter * unknown // seq_len)))
+    count = schedule.num_iter
+    steps[unknown] = count
+    lo[unknown, :count], hi[unknown, :count] = schedule.lo, schedule.hi
+    progress[unknown, :count] = [(unknown - m) / unknown for m in schedule.mask_len]
+  return lo, hi, progress, steps
 
 
 class Hyper(NamedTuple):
@@ -190,17 +262,31 @@ class _Recursion:
   def dup(self, x: jax.Array) -> jax.Array:
     return jnp.concatenate([x, x], axis=0) if self.plan.guided else x
 
-  def level(self, index: int, conds: list[jax.Array], cfg: jax.Array, keys: jax.Array) -> jax.Array:
-    """Samples N items of level `index`: [N, S, S, 3] normalised (conds are [G*N, Dc])."""
-    if index == len(self.levels):
-      ids = self.pixel_ids(lambda m: m.pixel_head, conds[0], cfg, keys)
-      return pixel_head.ids_to_pixels(ids)[:, None, None, :]
-    if self.levels[index].kind == "ar":
-      return self.ar(index, conds, cfg, keys)
-    return self.mar(index, conds, cfg, keys)
+  def level(
+    self, index: int, conds: list[jax.Array], cfg: jax.Array, keys: jax.Array, known: Known | None = None
+  ) -> jax.Array:
+    """Samples N items of level `index`: [N, S, S, 3] normalised.
 
-  def pixel_ids(self, head: Callable, cond: jax.Array, cfg: jax.Array, keys: jax.Array) -> jax.Array:
-    """R, G, B ids [N, 3] int32 of the pixel head `head(model)` (cond [G*N, Dc]), KV-cached."""
+    conds are [G*N, Dc]; cfg [N] the guidance scale per item; keys [N];
+    known (optional) the items' known pixels, which the result keeps.
+    """
+    if index == len(self.levels):
+      pixel_known = None if known is None else Known(known.ids[:, 0, 0], known.mask[:, 0, 0])
+      ids = self.pixel_ids(lambda m: m.pixel_head, conds[0], cfg, keys, pixel_known)
+      return pixel_head.ids_to_pixels(ids)[:, None, None, :]
+    if known is not None:
+      known = _known_patches(known, self.levels[index].patch_size)
+    if self.levels[index].kind == "ar":
+      return self.ar(index, conds, cfg, keys, known)
+    return self.mar(index, conds, cfg, keys, known)
+
+  def pixel_ids(
+    self, head: Callable, cond: jax.Array, cfg: jax.Array, keys: jax.Array, known: Known | None = None
+  ) -> jax.Array:
+    """R, G, B ids [N, 3] int32 of the pixel head `head(model)` (cond [G*N, Dc]), KV-cached.
+
+    known: ids [N, 3] and mask [N]; known pixels' values are forced channel by channel.
+    """
     num = keys.shape[0]
     ids = jnp.zeros((num, 3), jnp.int32)
     cache = self.call(lambda m: head(m).init_cache(cond.shape[0]))
@@ -208,9 +294,11 @@ class _Recursion:
       logits, cache = self.call(lambda m, *a, c=channel: head(m).decode(*a[:2], c, a[2]), cond, self.dup(ids), cache)
       logits = logits * self.hyper.temperature
       if self.plan.guided:
-        logits = guided_logits(logits[:num], logits[num:], cfg, self.hyper.filter_threshold)
-      sampled = jax.vmap(jax.random.categorical)(_fold(keys, channel), logits)
-      ids = ids.at[:, channel].set(sampled.astype(jnp.int32))
+        logits = guided_logits(logits[:num], logits[num:], cfg[:, None], self.hyper.filter_threshold)
+      sampled = jax.vmap(jax.random.categorical)(_fold(keys, channel), logits).astype(jnp.int32)
+      if known is not None:
+        sampled = jnp.where(known.mask, known.ids[:, channel], sampled)
+      ids = ids.at[:, channel].set(sampled)
     return ids
 
   def _frames(self, index: int, num: int) -> jax.Array | None:
@@ -225,7 +313,7 @@ class _Recursion:
       return None
     return frames.at[step].set(to_uint8(patches.unpatchify(level_patches, patch_size)))
 
-  def ar(self, index: int, conds: list[jax.Array], cfg: jax.Array, keys: jax.Array) -> jax.Array:
+  def ar(self, index: int, conds: list[jax.Array], cfg: jax.Array, keys: jax.Array, known: Known | None) -> jax.Array:
     spec = self.levels[index]
     num = keys.shape[0]
     cache = self.call(lambda m: m.levels[index].init_cache(conds[0].shape[0]))
@@ -238,7 +326,16 @@ class _Recursion:
       cfg_t = cfg
       if index == 0 and self.plan.cfg_schedule == "linear":
         cfg_t = 1.0 + (cfg - 1.0) * (t + 1) / spec.seq_len
-      child = self.level(index + 1, [middle], cfg_t, _fold(keys, t))
+      child_keys = _fold(keys, t)
+      if known is None:
+        child = self.level(index + 1, [middle], cfg_t, child_keys)
+      else:
+        known_t = Known(*(jax.lax.dynamic_index_in_dim(x, t, axis=1, keepdims=False) for x in known))
+        child = jax.lax.cond(
+          known_t.mask.all(),  # the whole batch knows this patch: nothing to sample below
+          lambda: pixel_head.ids_to_pixels(known_t.ids),
+          lambda: self.level(index + 1, [middle], cfg_t, child_keys, known_t),
+        )
       level_patches = jax.lax.dynamic_update_index_in_dim(level_patches, _patch_vectors(child), t, axis=1)
       return level_patches, cache, self._record(frames, t, level_patches, spec.patch_size)
 
@@ -247,26 +344,35 @@ class _Recursion:
       self.frames = frames
     return patches.unpatchify(level_patches, spec.patch_size)
 
-  def mar(self, index: int, conds: list[jax.Array], cfg: jax.Array, keys: jax.Array) -> jax.Array:
+  def mar(self, index: int, conds: list[jax.Array], cfg: jax.Array, keys: jax.Array, known: Known | None) -> jax.Array:
     spec, schedule, chunk = self.levels[index], self.plan.schedules[index], self.plan.chunks[index]
     num, length, groups = keys.shape[0], spec.seq_len, 2 if self.plan.guided else 1
     orders = jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, _ORDER_SALT), length))(keys)
     orders = orders.astype(jnp.int32)  # [N, L] position at each order index
+    level_patches = jnp.zeros((num, length, spec.patch_dim), jnp.float32)
+    unknown = jnp.full((num,), length, jnp.int32)
+    if known is not None:
+      whole = known.mask.reshape(num, length, -1).all(-1)  # [N, L] fully known patches
+      # Fully known patches go to the end of the order (stable: the unknown keep their random order).
+      orders = jnp.take_along_axis(orders, jnp.argsort(jnp.take_along_axis(whole, orders, 1), axis=1, stable=True), 1)
+      unknown = length - whole.sum(-1).astype(jnp.int32)
+      vectors = _patch_vectors(pixel_head.ids_to_pixels(known.ids).reshape(num * length, *known.ids.shape[2:]))
+      level_patches = jnp.where(whole[..., None], vectors.reshape(num, length, -1), level_patches)
     ranks = jnp.argsort(orders, axis=-1)  # [N, L] order index of each position
     guide = None
     if spec.guiding_pixel:
       ids = self.pixel_ids(lambda m: m.levels[index].guiding_pixel_loss, conds[0], cfg, _fold(keys, _GUIDE_SALT))
       guide = self.dup(pixel_head.ids_to_pixels(ids))
-    lo, hi = jnp.asarray(schedule.lo, jnp.int32), jnp.asarray(schedule.hi, jnp.int32)
-    if index == 0 and self.plan.cfg_schedule == "linear":
-      progress = jnp.asarray([(length - m) / length for m in schedule.mask_len], jnp.float32)
-    else:
-      progress = None
+    tables = edit_schedules(length, schedule.num_iter)
+    lo, hi, progress = (jnp.asarray(table)[unknown] for table in tables[:3])  # [N, T] each
+    num_steps = jnp.asarray(tables[3])[unknown].max()
+    linear = index == 0 and self.plan.cfg_schedule == "linear"
     rows = jnp.arange(num)[:, None]
 
     def step(t: jax.Array, state: Any) -> Any:
       level_patches, frames = state
-      hidden = ranks < hi[t]  # [N, L]: order positions [0, hi_t) are still hidden
+      lo_t, hi_t = lo[:, t], hi[:, t]  # [N]
+      hidden = ranks < hi_t[:, None]  # [N, L]: order positions [0, hi_t) are still hidden
       middle = self.call(
         lambda m, *a: m.levels[index](*a),
         self.dup(level_patches),
@@ -275,13 +381,12 @@ class _Recursion:
         guide,
       )
       outputs = patches.neighbour_conditions(middle, spec.next_num_conds)  # [G*N, L, D] each
-      cfg_t = cfg if progress is None else 1.0 + (cfg - 1.0) * progress[t]
+      cfg_t = 1.0 + (cfg - 1.0) * progress[:, t] if linear else cfg
 
       def one_chunk(c: jax.Array, level_patches: jax.Array) -> jax.Array:
-        order_index = hi[t] - c * chunk - 1 - jnp.arange(chunk)  # [C], descending
-        valid = order_index >= lo[t]
-        order_index = jnp.broadcast_to(jnp.maximum(order_index, 0), (num, chunk))
-        positions = jnp.take_along_axis(orders, order_index, axis=1)  # [N, C]
+        order_index = hi_t[:, None] - c * chunk - 1 - jnp.arange(chunk)  # [N, C], descending
+        valid = order_index >= lo_t[:, None]
+        positions = jnp.take_along_axis(orders, jnp.maximum(order_index, 0), axis=1)  # [N, C]
         gathered = [
           jnp.take_along_axis(o.reshape(groups, num, length, -1), positions[None, :, :, None], axis=2).reshape(
             groups * num * chunk, -1
@@ -289,18 +394,21 @@ class _Recursion:
           for o in outputs
         ]
         child_keys = _fold(jnp.repeat(keys, chunk), positions.reshape(-1))
-        child = self.level(index + 1, gathered, cfg_t, child_keys)  # [N*C, P, P, 3]
-        write = jnp.where(valid[None, :], positions, length)  # padding goes out of range: dropped
+        child_known = None if known is None else _take_known(known, positions)
+        child = self.level(index + 1, gathered, jnp.repeat(cfg_t, chunk), child_keys, child_known)  # [N*C, P, P, 3]
+        write = jnp.where(valid, positions, length)  # padding goes out of range: dropped
         return level_patches.at[rows, write].set(_patch_vectors(child).reshape(num, chunk, -1), mode="drop")
 
-      num_chunks = (hi[t] - lo[t] + chunk - 1) // chunk
+      num_chunks = ((hi_t - lo_t + chunk - 1) // chunk).max()
       level_patches = jax.lax.fori_loop(0, num_chunks, one_chunk, level_patches)
       return level_patches, self._record(frames, t, level_patches, spec.patch_size)
 
-    state = (jnp.zeros((num, length, spec.patch_dim), jnp.float32), self._frames(index, num))
-    level_patches, frames = jax.lax.fori_loop(0, schedule.num_iter, step, state)
-    if index == 0:
-      self.frames = frames
+    state = (level_patches, self._frames(index, num))
+    level_patches, frames = jax.lax.fori_loop(0, num_steps, step, state)
+    if index == 0 and frames is not None:  # editing can take fewer steps: hold the last frame
+      done = jnp.arange(frames.shape[0]) >= num_steps
+      final = to_uint8(patches.unpatchify(level_patches, spec.patch_size))
+      self.frames = jnp.where(done[:, None, None, None, None], final[None], frames)
     return patches.unpatchify(level_patches, spec.patch_size)
 
 
@@ -315,6 +423,7 @@ def _sample(
   image_ids: jax.Array,
   key: jax.Array,
   hyper: Hyper,
+  known: Known | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
   TRACE_COUNT[0] += 1
   s = model_settings
@@ -326,7 +435,8 @@ def _sample(
     cond = jnp.concatenate([cond, fake], axis=0)
   cond = cond.astype(jnp.dtype(s.dtype))
   recursion = _Recursion(model, params, plan, hyper)
-  images = recursion.level(0, [cond] * fractal.NUM_CONDS_FROM_CLASS, hyper.cfg, keys)
+  cfg = jnp.broadcast_to(hyper.cfg, labels.shape)
+  images = recursion.level(0, [cond] * fractal.NUM_CONDS_FROM_CLASS, cfg, keys, known)
   return to_uint8(images), recursion.frames
 
 
@@ -339,23 +449,39 @@ def _sample_sharded(
   image_ids: jax.Array,
   key: jax.Array,
   hyper: Hyper,
+  known: Known | None = None,
 ) -> tuple[jax.Array, jax.Array | None]:
   """`_sample` on each device's share of the batch (params replicated); no communication."""
   run = functools.partial(_sample, model_settings, plan)
   if mesh is None or mesh.size == 1:
-    return run(params, labels, image_ids, key, hyper)
+    return run(params, labels, image_ids, key, hyper, known)
   batch = mesh_lib.batch_spec()
   frames_spec = P(None, mesh_lib.BATCH_AXES) if plan.record_frames else None
   return jax.shard_map(
     run,
     mesh=mesh,
-    in_specs=(P(), batch, batch, P(), P()),
+    in_specs=(P(), batch, batch, P(), P(), None if known is None else batch),
     out_specs=(batch, frames_spec),
     check_vma=False,
-  )(params, labels, image_ids, key, hyper)
+  )(params, labels, image_ids, key, hyper, known)
 
 
 _sample_jit = jax.jit(_sample_sharded, static_argnums=(0, 1, 2))
+
+
+def check_known(known_images: Any, known_mask: Any, batch: int, img_size: int) -> Known:
+  """Validates editing input: uint8 images [B, S, S, 3] and a bool mask [B, S, S] (True = keep)."""
+  images, mask = np.asarray(known_images), np.asarray(known_mask)
+  if images.shape != (batch, img_size, img_size, 3) or images.dtype != np.uint8:
+    raise SampleError(
+      f"known images must be uint8 [{batch}, {img_size}, {img_size}, 3] (the model's size), "
+      f"got {images.dtype} {list(images.shape)}"
+    )
+  if mask.shape != (batch, img_size, img_size) or mask.dtype != np.bool_:
+    raise SampleError(
+      f"the known mask must be bool [{batch}, {img_size}, {img_size}], got {mask.dtype} {list(mask.shape)}"
+    )
+  return Known(jnp.asarray(images, jnp.int32), jnp.asarray(mask))
 
 
 def sample(
@@ -369,8 +495,10 @@ def sample(
   filter_threshold: float = 1e-4,
   image_ids: jax.Array | None = None,
   mesh: Mesh | None = None,
+  known_images: Any = None,
+  known_mask: Any = None,
 ) -> tuple[jax.Array, jax.Array | None]:
-  """Samples images class-conditionally (label -1: the "no class" condition).
+  """Samples images class-conditionally (label -1: the "no class" condition), or edits given ones.
 
   Args:
     model: the `FractalModel` (its settings are static).
@@ -383,6 +511,10 @@ def sample(
       batch split over calls or devices gives the same images.
     mesh: split the batch over its `data` x `fsdp` devices (each runs the
       whole recursion on its images); B must be a multiple of their number.
+    known_images, known_mask: editing (both or neither): uint8 [B, S, S, 3]
+      and bool [B, S, S], True where the pixel is known. Known pixels are
+      kept bit-exact and the others sampled conditioned on them (module
+      docstring: how each level does it).
 
   Returns:
     (images uint8 [B, S, S, 3], frames uint8 [T0, B, S, S, 3] after each
@@ -399,22 +531,43 @@ def sample(
     raise SampleError(
       f"batch {labels.shape[0]} is not a multiple of the {mesh_lib.batch_size_per_step(mesh)} devices sharing it"
     )
+  if (known_images is None) != (known_mask is None):
+    raise SampleError("editing needs both known_images and known_mask")
+  known = None
+  if known_images is not None:
+    known = check_known(known_images, known_mask, labels.shape[0], model.settings.img_size)
   if image_ids is None:
     image_ids = jnp.arange(labels.shape[0], dtype=jnp.int32)
   hyper = Hyper(
     jnp.asarray(cfg, jnp.float32), jnp.asarray(temperature, jnp.float32), jnp.asarray(filter_threshold, jnp.float32)
   )
-  return _sample_jit(model.settings, plan, mesh, params, labels, jnp.asarray(image_ids, jnp.int32), key, hyper)
+  return _sample_jit(model.settings, plan, mesh, params, labels, jnp.asarray(image_ids, jnp.int32), key, hyper, known)
 
 
 def compile_sample(
-  model_settings: ModelSettings, plan: SamplePlan, params: Any, batch_size: int, mesh: Mesh | None = None
+  model_settings: ModelSettings,
+  plan: SamplePlan,
+  params: Any,
+  batch_size: int,
+  mesh: Mesh | None = None,
+  edit: bool = False,
 ) -> Callable[..., tuple[jax.Array, jax.Array | None]]:
   """Ahead-of-time compiled sampler for batches of `batch_size`.
 
-  Returns `run(params, labels, image_ids, key, hyper)`; inputs are not
-  validated (use `sample` for a checked call).
+  Returns `run(params, labels, image_ids, key, hyper)`, or with `edit`
+  `run(params, labels, image_ids, key, hyper, known)` (`Known` from
+  `check_known`); inputs are not validated (use `sample` for a checked call).
   """
   ints = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
   hyper = Hyper(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(1e-4))
-  return _sample_jit.lower(model_settings, plan, mesh, params, ints, ints, jax.random.key(0), hyper).compile()
+  side = model_settings.img_size
+  known = None
+  if edit:
+    known = Known(
+      jax.ShapeDtypeStruct((batch_size, side, side, 3), jnp.int32), jax.ShapeDtypeStruct((batch_size, side, side), bool)
+    )
+  args = (model_settings, plan, mesh, params, ints, ints, jax.random.key(0), hyper, known)
+  compiled = _sample_jit.lower(*args).compile()
+  if edit:
+    return compiled
+  return lambda params, labels, image_ids, key, hyper: compiled(params, labels, image_ids, key, hyper, None)
