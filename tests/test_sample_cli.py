@@ -4,22 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tiny_models
-from conftest import ROOT
 from PIL import Image
 from test_cli import run_main
-
-from fractal_jax import checkpoint_io, model_config
-from fractal_jax.config_base import load_config_file
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-  config = load_config_file(str(ROOT / "configs" / "tiny.py"))
-  params = tiny_models.init_params(model_config.settings(config.model))
-  directory = tmp_path_factory.mktemp("ckpt") / "tiny"
-  checkpoint_io.save_params(directory, params, config.model)
-  return directory
 
 
 def test_sample_writes_grid_images_and_gif(tiny_checkpoint, tmp_path):
