@@ -1,6 +1,6 @@
 """The built-in demo: a class-conditional fractal model of scikit-learn's digits, trained on a laptop CPU.
 
-8x8 images (1500 training / 297 held-out digits, bundled with scikit-learn:
+8x8 images (1497 training / 300 held-out digits, bundled with scikit-learn:
 nothing to download): an AR level over 4x4 patches of 2x2 pixels, an AR
 level over the 4 pixels of each patch, and the pixel head.
 

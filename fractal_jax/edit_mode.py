@@ -163,8 +163,10 @@ def run(config: Any, request: EditRequest) -> np.ndarray:
   variants = np.asarray(out)[: request.num_samples]
   print(f"{len(variants)} variant(s) in {time.perf_counter() - start:.1f} s (compile {compile_seconds:.1f} s)")
   if request.output:
-    image_io.save_grid(np.concatenate([masked_picture(image, regenerate)[None], variants]), request.output)
-    print(f"grid (input with the regenerated region in grey, then the variants): {request.output}")
+    row = np.concatenate([masked_picture(image, regenerate)[None], variants])
+    columns = len(row) if len(row) <= 9 else None  # one row for a few variants
+    image_io.save_grid(row, request.output, min_side=64 * (columns or 3), columns=columns)
+    print(f"grid (the input with the region to regenerate in grey, then the variants): {request.output}")
   if request.output_dir:
     image_io.save_each(variants, request.output_dir, 0, labels)
     print(f"variants: {request.output_dir}/")

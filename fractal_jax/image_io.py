@@ -30,9 +30,9 @@ def _upscale(image: np.ndarray, min_side: int) -> Image.Image:
   return picture.resize((picture.width * factor, picture.height * factor), Image.NEAREST) if factor > 1 else picture
 
 
-def save_grid(images: np.ndarray, path: str | pathlib.Path, min_side: int = 256) -> None:
+def save_grid(images: np.ndarray, path: str | pathlib.Path, min_side: int = 256, columns: int | None = None) -> None:
   pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  _upscale(grid(images), min_side).save(path)
+  _upscale(grid(images, columns), min_side).save(path)
 
 
 def save_each(images: np.ndarray, directory: str | pathlib.Path, first_index: int, labels: np.ndarray) -> None:
