@@ -1,4 +1,4 @@
-"""`--mode=ref_stats` and `--mode=fid` end to end on a checkpoint trained inside the suite (default_1.pt weights)."""
+"""`--mode=ref_stats` and `--mode=fid` end to end on a checkpoint of the tests' training model (default_1.pt weights)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,22 @@ import json
 
 import numpy as np
 import pytest
+import tiny_models
 from test_cli import run_main
-from tiny_training import TINY_FLAGS
+from tiny_training import TINY_FLAGS, tiny_train_config
+
+from fractal_jax import checkpoint_io, model_config
 
 EVAL = ("--config.eval.batch_size=20", "--config.eval.max_images=40", "--config.sample.batch_size=10")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+  """Random parameters of the tests' training model (TINY_FLAGS), saved as a converted checkpoint (no compiling)."""
+  model = tiny_train_config().model
+  directory = tmp_path_factory.mktemp("fid_ckpt") / "model"
+  checkpoint_io.save_params(directory, tiny_models.init_params(model_config.settings(model)), model)
+  return directory
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +39,8 @@ def test_ref_stats_writes_statistics_and_features(ref_stats):
     np.testing.assert_allclose(data["mu"], data["features"].mean(0), rtol=1e-4, atol=1e-5)
 
 
-def test_fid_resumes_from_finished_shards_with_the_same_result(digits_run, ref_stats, tmp_path):
-  _, workdir, _ = digits_run
+def test_fid_resumes_from_finished_shards_with_the_same_result(checkpoint, ref_stats, tmp_path):
+  workdir = checkpoint
   run_dir, output = tmp_path / "fid", tmp_path / "fid.json"
   flags = (*TINY_FLAGS, *EVAL, "--mode=fid", f"--checkpoint={workdir}", "--num_images=20", f"--ref_stats={ref_stats}")
   first = run_main(*flags, f"--output_dir={run_dir}", f"--output={output}")
@@ -62,8 +74,8 @@ def test_fid_resumes_from_finished_shards_with_the_same_result(digits_run, ref_s
     (("--ref_stats={bad}",), "do not fit 2048-d features"),
   ],
 )
-def test_bad_fid_input_is_a_clear_error_before_sampling(digits_run, tmp_path, flags, message):
-  _, workdir, _ = digits_run
+def test_bad_fid_input_is_a_clear_error_before_sampling(checkpoint, tmp_path, flags, message):
+  workdir = checkpoint
   np.savez(tmp_path / "bad.npz", mu=np.zeros(64), sigma=np.eye(64))
   args = [f.format(bad=tmp_path / "bad.npz") for f in flags]
   defaults = {"--num_images": "--num_images=20"}
