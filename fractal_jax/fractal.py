@@ -181,7 +181,7 @@ class FractalModel(nn.Module):
           guide = items.astype(jnp.float32).mean(axis=2).mean(axis=1)  # [N, 3]
           noise = None if guide_noise is None else guide_noise[spec.index]
           guide_loss = self._pixel_loss(
-            level.guiding_logits,
+            level.guiding_channel_logits,
             conds[0],
             guide,
             weights,
@@ -199,7 +199,7 @@ class FractalModel(nn.Module):
       weights = next_weights.reshape(-1)
     pixels = items.reshape(items.shape[0], 3)
     pixel_loss, pixel_ce = self._pixel_loss(
-      self.pixel_head, conds[0], pixels, weights, pixel_noise, s.pixel.r_weight, train
+      self.pixel_head.channel_logits, conds[0], pixels, weights, pixel_noise, s.pixel.r_weight, train
     )
     aux["pixel_loss"] = pixel_loss
     aux["pixel_ce"] = pixel_ce
@@ -217,7 +217,10 @@ class FractalModel(nn.Module):
     r_weight: float,
     train: bool,
   ) -> tuple[jax.Array, jax.Array]:
-    """Weighted-mean loss and per-channel CE of a pixel head on [N, 3] targets."""
+    """Weighted-mean loss and per-channel CE of a pixel head on [N, 3] targets.
+
+    `logits_fn(cond, targets)` returns the R, G, B logits as three [N, 256] arrays (`PixelHead.channel_logits`).
+    """
     if noise is None:
       noise = jax.random.normal(self.make_rng("noise"), pixels.shape, jnp.float32)
     targets = pixel_head.pixel_targets(pixels, noise)

@@ -83,6 +83,10 @@ class MARLevel(nn.Module):
     """Guiding-pixel head: (middle cond [N, Dc], ids [N, 3]) -> logits [N, 3, 256]."""
     return self.guiding_pixel_loss(cond, ids)
 
+  def guiding_channel_logits(self, cond: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`guiding_logits` as three [N, 256] arrays (`PixelHead.channel_logits`)."""
+    return self.guiding_pixel_loss.channel_logits(cond, ids)
+
   def __call__(
     self,
     patches: jax.Array,

@@ -13,6 +13,7 @@ patch's mean colour) of MAR levels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -102,9 +103,13 @@ class PixelHead(nn.Module):
 
   def __call__(self, cond: jax.Array, ids: jax.Array) -> jax.Array:
     """Teacher-forced logits [N, 3, 256] of R, G, B (ids[:, 2] is unused)."""
+    return jnp.stack(self.channel_logits(cond, ids), axis=1)
+
+  def channel_logits(self, cond: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`__call__`'s logits as three [N, 256] arrays (R, G, B), for losses that need not stack them."""
     x = jnp.stack([self._token(cond, ids, c) for c in range(3)], axis=1)  # [N, 3, W]
     x = self.norm(self.layers(self.ln(x)))
-    return jnp.stack([self._logits(x[:, c], c) for c in range(3)], axis=1)
+    return tuple(self._logits(x[:, c], c) for c in range(3))
 
   def init_cache(self, batch: int) -> blocks.KVCache:
     """Empty KV cache [depth, N, 3, heads, head_dim] for `decode`."""
@@ -123,20 +128,28 @@ class PixelHead(nn.Module):
     return self._logits(self.norm(x)[:, 0], channel), cache
 
 
-def pixel_losses(logits: jax.Array, targets: jax.Array, r_weight: float, train: bool) -> tuple[jax.Array, jax.Array]:
+def pixel_losses(
+  logits: jax.Array | Sequence[jax.Array], targets: jax.Array, r_weight: float, train: bool
+) -> tuple[jax.Array, jax.Array]:
   """Per-item loss and per-channel cross-entropy.
 
   Training weights red: `(r_weight * CE_R + CE_G + CE_B) / (r_weight + 2)`;
   evaluation (NLL) weighs the channels equally.
 
   Args:
-    logits: [N, 3, 256] float32.
+    logits: [N, 3, 256] float32, or the three channels' [N, 256] (`PixelHead.channel_logits`).
     targets: [N, 3] int.
 
   Returns:
     (loss [N], cross_entropy [N, 3]), float32, in nats.
   """
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  if isinstance(logits, (tuple, list)):
+    # Per channel: stacking the logits (and slicing their gradient) would copy [N, 3, 256] twice.
+    ce = jnp.stack(
+      [optax.softmax_cross_entropy_with_integer_labels(x, targets[:, c]) for c, x in enumerate(logits)], axis=1
+    )
+  else:
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   if train:
     loss = (r_weight * ce[:, 0] + ce[:, 1] + ce[:, 2]) / (r_weight + 2.0)
   else:
