@@ -101,9 +101,7 @@ def edit_labels(labels: str | None, num_samples: int, num_classes: int) -> np.nd
   """--labels: one class for every variant or one per variant; none: the "no class" condition (-1)."""
   if not labels:
     return np.full(num_samples, -1, np.int32)
-  parsed = sample_mode.parse_labels(
-    sample_mode.SampleRequest(None, labels, None, 0, None, None, None), num_classes
-  )  # same parsing and range check as --mode=sample
+  parsed = sample_mode.parse_label_list(labels, num_classes)
   if len(parsed) == 1:
     return np.repeat(parsed, num_samples)
   if len(parsed) != num_samples:

@@ -29,21 +29,26 @@ class SampleRequest:
   weights: str = "raw"
 
 
+def parse_label_list(text: str, num_classes: int) -> np.ndarray:
+  """`--labels=207,360` -> int32 [K]; each a class id or -1 (no class)."""
+  try:
+    labels = np.asarray([int(x) for x in text.split(",") if x.strip()], np.int32)
+  except ValueError as error:
+    raise model_config.ConfigError(f"--labels must be comma-separated class ids, got {text!r}") from error
+  bad = labels[(labels < -1) | (labels >= num_classes)]
+  if bad.size:
+    raise model_config.ConfigError(
+      f"--labels {bad.tolist()} out of range: this model has classes 0..{num_classes - 1} (-1: no class)"
+    )
+  return labels
+
+
 def parse_labels(request: SampleRequest, num_classes: int) -> np.ndarray:
   """--labels=207,360 or --num_images=N (N / num_classes of each class, as the official evaluation)."""
   if request.labels and request.num_images:
     raise model_config.ConfigError("give either --labels or --num_images, not both")
   if request.labels:
-    try:
-      labels = np.asarray([int(x) for x in request.labels.split(",") if x.strip()], np.int32)
-    except ValueError as error:
-      raise model_config.ConfigError(f"--labels must be comma-separated class ids, got {request.labels!r}") from error
-    bad = labels[(labels < -1) | (labels >= num_classes)]
-    if bad.size:
-      raise model_config.ConfigError(
-        f"--labels {bad.tolist()} out of range: this model has classes 0..{num_classes - 1} (-1: no class)"
-      )
-    return labels
+    return parse_label_list(request.labels, num_classes)
   if request.num_images:
     if request.num_images % num_classes:
       raise model_config.ConfigError(
