@@ -244,6 +244,7 @@ class ModelSettings:
   param_dtype: str
   scan_blocks: bool
   remat_policy: str
+  item_groups: int = 1  # groups of the loss's item compaction (`compaction`): the trainer uses its batch shards
 
   @property
   def img_size(self) -> int:

@@ -100,6 +100,8 @@ def prepare(config: Any, workdir: str) -> Plan:
       f"config.train.global_batch={batch} (micro-batches of {batch // accum}) is not a multiple of the {per_step} "
       f"devices of the mesh's data x fsdp axes {dict(device_mesh.shape)}; use a multiple of {per_step * accum}"
     )
+  # The loss compacts the items below MAR levels per batch shard, so that its sorts and gathers stay on-device.
+  model_settings = dataclasses.replace(model_settings, item_groups=per_step)
   if batch % jax.process_count():
     raise model_config.ConfigError(f"config.train.global_batch={batch} is not divisible by {jax.process_count()} hosts")
   if train_cfg.eval_every_steps > 0 and train_cfg.eval_num_samples > 0:
