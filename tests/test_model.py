@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,67 +9,10 @@ import optax
 import pytest
 import tiny_models
 
-from fractal_jax import blocks, compaction, fractal, patches, pixel_head
-from fractal_jax.model_config import GUIDING_HEAD
+from fractal_jax import blocks, fractal, pixel_head
 
 BATCH = 3
 KEY = jax.random.key(0)
-
-
-def official_style_loss(model, params, images, masks, pixel_noise, guide_noise, train=False):
-  """The official loss (evaluation weights, or training weights without dropout), computed as the official code does.
-
-  Eager recursion with dynamic shapes: every MAR level passes only its hidden
-  patches (boolean indexing) to the next level, and each level's loss is the
-  plain mean over the items it received. Uses our level modules, so it checks
-  the static-shape composition (weights over all items) against the official
-  one. `masks`/noise are given for all items, as `FractalModel` takes them.
-  """
-  s = model.settings
-  bound = model.bind({"params": params})
-  batch = images.shape[0]
-  cond = jnp.broadcast_to(params["fake_latent"], (batch, s.class_width))
-  conds = [cond] * 5
-  items = images
-  index = np.arange(batch)  # position of each received item among all items of its level
-  total = 0.0
-  for spec, level in zip(s.levels, bound.levels):
-    level_patches = patches.patchify(items, spec.patch_size)
-    n = items.shape[0]
-    guide = None
-    if spec.guiding_pixel:
-      guide = items.mean(axis=2).mean(axis=1)
-      targets = pixel_head.pixel_targets(guide, guide_noise[spec.index][index])
-      logits = level.guiding_logits(conds[0], targets)
-      total += pixel_head.pixel_losses(logits, targets, GUIDING_HEAD["r_weight"], train)[0].mean()
-    child_index = (index[:, None] * spec.seq_len + np.arange(spec.seq_len)).reshape(-1)
-    if spec.kind == "ar":
-      outputs = [level(level_patches, conds)]
-      keep = np.ones(n * spec.seq_len, bool)
-    else:
-      mask = masks[spec.index][index]
-      middle = level(level_patches, conds, jnp.asarray(mask), guide)
-      outputs = patches.neighbour_conditions(middle, spec.next_num_conds)
-      keep = mask.reshape(-1)
-    items = patches.patches_as_images(level_patches, spec.patch_size)[keep]
-    conds = [c.reshape(n * spec.seq_len, -1)[keep] for c in outputs]
-    index = child_index[keep]
-  pixels = items.reshape(-1, 3)
-  targets = pixel_head.pixel_targets(pixels, pixel_noise[index])
-  logits = bound.pixel_head(conds[0], targets)
-  return total + pixel_head.pixel_losses(logits, targets, s.pixel.r_weight, train)[0].mean()
-
-
-def _inputs(model_settings, seed=0):
-  key = jax.random.key(seed)
-  images = tiny_models.images_8bit(key, BATCH, model_settings.img_size)
-  masks = tiny_models.random_masks(model_settings, BATCH, seed)
-  pixel_noise = jax.random.normal(jax.random.fold_in(key, 1), (tiny_models.num_pixels(model_settings, BATCH), 3))
-  guide_noise, num_items = [], BATCH
-  for spec in model_settings.levels:
-    guide_noise.append(jax.random.normal(jax.random.fold_in(key, 2 + spec.index), (num_items, 3)))
-    num_items *= spec.seq_len
-  return images, masks, pixel_noise, guide_noise
 
 
 def _both_losses(family):
@@ -80,7 +20,7 @@ def _both_losses(family):
   s = tiny_models.settings(family)
   model = fractal.build(s)
   params = tiny_models.init_params(s)
-  images, masks, pixel_noise, guide_noise = _inputs(s)
+  images, masks, pixel_noise, guide_noise = tiny_models.loss_inputs(s)
   labels = jnp.zeros((BATCH,), jnp.int32)
 
   def ours(p):
@@ -89,7 +29,7 @@ def _both_losses(family):
     )[0]
 
   def official(p):
-    return official_style_loss(model, p, images, masks, pixel_noise, guide_noise)
+    return tiny_models.official_style_loss(model, p, images, masks, pixel_noise, guide_noise)
 
   return params, ours, official
 
@@ -111,72 +51,12 @@ def test_static_gradients_equal_official(family):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize(
-  "family,main",
-  [
-    ("mar_guiding_4", "one"),
-    ("mar_guiding_4", "all_but_one"),
-    ("mar_mar", "one"),
-    ("ar_over_mar", "one"),
-    ("mar_over_ar", "all_but_one"),
-  ],
-)
-def test_compacted_training_loss_and_grads_equal_official(family, main, monkeypatch):
-  """Training compacts the items below MAR levels (`compaction`): exact whatever the main capacity.
-
-  The tiny models are below `compaction.MIN_ITEMS`, so the capacity is forced:
-  "one" puts nearly everything in the overflow, which runs; "all_but_one"
-  leaves an overflow of one item per group, skipped unless every item is hidden.
-  """
-  # Training semantics without dropout (AR blocks fix theirs at 0.1), so that the official-style loss compares.
-  monkeypatch.setattr(blocks, "Dropout", lambda *args, **kwargs: lambda x, deterministic=None: x)
-  s = tiny_models.settings(family, label_drop_prob=0.0)
-  capacities = {"one": lambda n, kinds, lens: 1, "all_but_one": lambda n, kinds, lens: n * int(np.prod(lens)) - 1}
-  monkeypatch.setattr(compaction, "capacity", capacities[main])
-  model = fractal.build(s)
-  params = tiny_models.init_params(s)
-  images, masks, pixel_noise, guide_noise = _inputs(s)
-  labels = jnp.zeros((BATCH,), jnp.int32)
-  kwargs = dict(train=True, unconditional=True, masks=masks, pixel_noise=pixel_noise, guide_noise=guide_noise)
-
-  def ours(p):
-    return model.apply({"params": p}, images, labels, **kwargs, rngs=fractal.make_rngs(jax.random.key(0)))[0]
-
-  def official(p):
-    return official_style_loss(model, p, images, masks, pixel_noise, guide_noise, train=True)
-
-  loss, grads = jax.jit(jax.value_and_grad(ours))(params)
-  want_loss, want_grads = jax.jit(jax.value_and_grad(official))(params)
-  np.testing.assert_allclose(loss, want_loss, rtol=2e-6)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
-
-
-def test_compaction_groups_give_the_same_loss_and_grads(monkeypatch):
-  """Per-shard compaction (`item_groups`, one group per image here) equals one group."""
-  monkeypatch.setattr(compaction, "capacity", lambda n, kinds, lens: 2)
-  s = tiny_models.settings("mar_mar", attn_dropout=0.0, proj_dropout=0.0, label_drop_prob=0.0)
-  params = tiny_models.init_params(s)
-  images, masks, pixel_noise, _ = _inputs(s)
-  labels = jnp.arange(BATCH) % 7
-
-  def loss(settings, p):
-    return fractal.build(settings).apply(
-      {"params": p}, images, labels, train=True, masks=masks, pixel_noise=pixel_noise, rngs=fractal.make_rngs(KEY)
-    )[0]
-
-  a, ga = jax.jit(jax.value_and_grad(functools.partial(loss, s)))(params)
-  b, gb = jax.jit(jax.value_and_grad(functools.partial(loss, dataclasses.replace(s, item_groups=BATCH))))(params)
-  np.testing.assert_allclose(a, b, rtol=1e-6)
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), ga, gb)
-
-
 @pytest.mark.parametrize("family", ["mar_guiding_4", "ar_ar"])
 def test_scanned_equals_unscanned(family):
   s = tiny_models.settings(family)
   s_loop = tiny_models.settings(family, scan_blocks=False)
   params = tiny_models.init_params(s)
-  images, masks, pixel_noise, guide_noise = _inputs(s)
+  images, masks, pixel_noise, guide_noise = tiny_models.loss_inputs(s)
   labels = jnp.arange(BATCH) % 7
   kwargs = dict(train=False, unconditional=False, masks=masks, pixel_noise=pixel_noise, guide_noise=guide_noise)
   scanned = jax.jit(lambda p: fractal.build(s).apply({"params": p}, images, labels, **kwargs))(params)
@@ -193,7 +73,7 @@ def test_remat_policy_gives_same_loss_and_grads():
   s = tiny_models.settings("mar_2")
   s_remat = tiny_models.settings("mar_2", remat_policy="full")
   params = tiny_models.init_params(s)
-  images, masks, pixel_noise, _ = _inputs(s)
+  images, masks, pixel_noise, _ = tiny_models.loss_inputs(s)
   labels = jnp.arange(BATCH) % 7
   rngs = fractal.make_rngs(jax.random.key(5))
 
@@ -251,7 +131,7 @@ def test_bfloat16_compute_keeps_float32_params():
   s32 = tiny_models.settings("mar_mar")
   s16 = tiny_models.settings("mar_mar", dtype="bfloat16")
   params = tiny_models.init_params(s32)
-  images, masks, pixel_noise, guide_noise = _inputs(s32)
+  images, masks, pixel_noise, guide_noise = tiny_models.loss_inputs(s32)
   labels = jnp.arange(BATCH) % 7
   kwargs = dict(train=False, masks=masks, pixel_noise=pixel_noise, guide_noise=guide_noise)
   loss32 = jax.jit(lambda p: fractal.build(s32).apply({"params": p}, images, labels, **kwargs)[0])(params)

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fractal_jax import fractal, model_config
+from fractal_jax import fractal, model_config, patches, pixel_head
 from fractal_jax.config_base import base_config
+from fractal_jax.model_config import GUIDING_HEAD
 
 # name -> config.model overrides; every family of the official code, 2 to 4 levels.
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -105,3 +106,60 @@ def random_masks(model_settings: model_config.ModelSettings, batch: int, seed: i
 
 def num_pixels(model_settings: model_config.ModelSettings, batch: int) -> int:
   return batch * model_settings.img_size**2
+
+
+def official_style_loss(model, params, images, masks, pixel_noise, guide_noise, train=False):
+  """The official loss (evaluation weights, or training weights without dropout), computed as the official code does.
+
+  Eager recursion with dynamic shapes: every MAR level passes only its hidden
+  patches (boolean indexing) to the next level, and each level's loss is the
+  plain mean over the items it received. Uses our level modules, so it checks
+  the static-shape composition (weights over all items) against the official
+  one. `masks`/noise are given for all items, as `FractalModel` takes them.
+  """
+  s = model.settings
+  bound = model.bind({"params": params})
+  batch = images.shape[0]
+  cond = jnp.broadcast_to(params["fake_latent"], (batch, s.class_width))
+  conds = [cond] * 5
+  items = images
+  index = np.arange(batch)  # position of each received item among all items of its level
+  total = 0.0
+  for spec, level in zip(s.levels, bound.levels):
+    level_patches = patches.patchify(items, spec.patch_size)
+    n = items.shape[0]
+    guide = None
+    if spec.guiding_pixel:
+      guide = items.mean(axis=2).mean(axis=1)
+      targets = pixel_head.pixel_targets(guide, guide_noise[spec.index][index])
+      logits = level.guiding_logits(conds[0], targets)
+      total += pixel_head.pixel_losses(logits, targets, GUIDING_HEAD["r_weight"], train)[0].mean()
+    child_index = (index[:, None] * spec.seq_len + np.arange(spec.seq_len)).reshape(-1)
+    if spec.kind == "ar":
+      outputs = [level(level_patches, conds)]
+      keep = np.ones(n * spec.seq_len, bool)
+    else:
+      mask = masks[spec.index][index]
+      middle = level(level_patches, conds, jnp.asarray(mask), guide)
+      outputs = patches.neighbour_conditions(middle, spec.next_num_conds)
+      keep = mask.reshape(-1)
+    items = patches.patches_as_images(level_patches, spec.patch_size)[keep]
+    conds = [c.reshape(n * spec.seq_len, -1)[keep] for c in outputs]
+    index = child_index[keep]
+  pixels = items.reshape(-1, 3)
+  targets = pixel_head.pixel_targets(pixels, pixel_noise[index])
+  logits = bound.pixel_head(conds[0], targets)
+  return total + pixel_head.pixel_losses(logits, targets, s.pixel.r_weight, train)[0].mean()
+
+
+def loss_inputs(model_settings, batch=3, seed=0):
+  """Images, MAR masks, pixel and guiding-pixel noise for `batch` images (explicit, for parity checks)."""
+  key = jax.random.key(seed)
+  images = images_8bit(key, batch, model_settings.img_size)
+  masks = random_masks(model_settings, batch, seed)
+  pixel_noise = jax.random.normal(jax.random.fold_in(key, 1), (num_pixels(model_settings, batch), 3))
+  guide_noise, num_items = [], batch
+  for spec in model_settings.levels:
+    guide_noise.append(jax.random.normal(jax.random.fold_in(key, 2 + spec.index), (num_items, 3)))
+    num_items *= spec.seq_len
+  return images, masks, pixel_noise, guide_noise
