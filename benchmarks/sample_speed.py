@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fractal_jax import cpu_flags  # noqa: E402
+from fractal_jax import malloc_tuning  # noqa: E402
 
-ONEDNN = cpu_flags.enable_fast_cpu_matmuls()  # before JAX starts; FRACTAL_JAX_ONEDNN=0 to compare
+malloc_tuning.keep_freed_memory()  # before JAX starts its threads
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
       cases[name] = paper(name)
   if args.only:
     cases = {k: v for k, v in cases.items() if k in args.only.split(",")}
-  print(f"devices: {jax.devices()}; oneDNN CPU matmuls: {'on' if ONEDNN else 'off'}")
+  print(f"devices: {jax.devices()}")
   print(f"{'model':<22}{'batch':>6}{'iterations':>14}{'s/batch':>10}{'images/s':>10}{'compile s':>11}")
   for name, (model_cfg, num_iter) in cases.items():
     r = measure(name, model_cfg, num_iter, args.batch, args.cfg, args.repeats)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fractal_jax import cpu_flags  # noqa: E402
+from fractal_jax import malloc_tuning  # noqa: E402
 
-ONEDNN = cpu_flags.enable_fast_cpu_matmuls()  # before JAX starts; FRACTAL_JAX_ONEDNN=0 to compare
+malloc_tuning.keep_freed_memory()  # before JAX starts its threads
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -129,7 +129,7 @@ def main() -> None:
   if args.only:
     cases = {k: v for k, v in cases.items() if k in args.only.split(",")}
   peak = matmul_peak()
-  print(f"devices: {jax.devices()}; oneDNN CPU matmuls: {'on' if ONEDNN else 'off'}")
+  print(f"devices: {jax.devices()}")
   print(f"measured float32 matmul peak: {peak / 1e9:.0f} GFLOP/s")
   print(
     f"{'model':<22}{'dtype':>10}{'batch':>6}{'s/step':>9}{'images/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>9}"

@@ -48,7 +48,7 @@ def dot_product_attention(
     [B, T, N, H] in value's dtype.
   """
   if probs_dropout is None:
-    if query.shape[1] <= SHORT_SEQUENCE:
+    if max(query.shape[1], key.shape[1]) <= SHORT_SEQUENCE:
       return _short_attention(query, key, value, causal=causal)
     return jax.nn.dot_product_attention(query, key, value, is_causal=causal)
   scale = query.shape[-1] ** -0.5

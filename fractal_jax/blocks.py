@@ -323,14 +323,26 @@ class TimmAttention(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: jax.Array, cache: KVCache | None = None, position: jax.Array | None = None
+    self,
+    x: jax.Array,
+    cache: KVCache | None = None,
+    position: jax.Array | None = None,
+    queries: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
-    """x [B, T, D] -> ([B, T, D], cache); with a cache (causal decoding) T = 1 at `position`."""
+    """x [B, T, D] -> ([B, T, D], cache); with a cache (causal decoding) T = 1 at `position`.
+
+    queries: int [B, Q] (bidirectional only): attend from these positions only -> [B, Q, D].
+    """
     batch, length, _ = x.shape
     head_dim = self.width // self.heads
     qkv = dense(3 * self.width, ("embed", "qkv"), self.dtype, self.param_dtype, name="qkv")(x)
     qkv = qkv.reshape(batch, length, 3, self.heads, head_dim)
     q, k, v = split_qkv(qkv)
+    if queries is not None:
+      if self.causal or cache is not None:
+        raise ValueError("query selection is for bidirectional attention without a cache")
+      q = jnp.take_along_axis(q, queries[:, :, None, None], axis=1)
+      length = queries.shape[1]
     if cache is not None:
       out, cache = attend_with_cache(q, k, v, cache, position)
     else:
@@ -382,9 +394,18 @@ class TimmBlock(nn.Module):
 
   @nn.compact
   def __call__(
-    self, x: jax.Array, position: jax.Array | None = None, cache: KVCache | None = None
+    self,
+    x: jax.Array,
+    position: jax.Array | None = None,
+    cache: KVCache | None = None,
+    queries: jax.Array | None = None,
   ) -> tuple[jax.Array, KVCache | None]:
-    """Full sequence (cache None), or one causal decoding step at `position` with this layer's cache."""
+    """Full sequence (cache None), or one causal decoding step at `position` with this layer's cache.
+
+    queries: int [B, Q]: the block's outputs at these positions only, [B, Q, D]
+    (keys and values still come from every position; the rest of the block
+    runs on Q tokens instead of L).
+    """
     h = layer_norm(self.dtype, self.param_dtype, name="norm1")(x)
     h, cache = TimmAttention(
       self.width,
@@ -396,7 +417,9 @@ class TimmBlock(nn.Module):
       self.dtype,
       self.param_dtype,
       name="attn",
-    )(h, cache, position)
+    )(h, cache, position, queries)
+    if queries is not None:
+      x = jnp.take_along_axis(x, queries[:, :, None], axis=1)
     x = x + h
     h = layer_norm(self.dtype, self.param_dtype, name="norm2")(x)
     mlp = TimmMlp(self.width, self.proj_dropout, self.deterministic, self.dtype, self.param_dtype, name="mlp")
@@ -432,11 +455,21 @@ class BlockStack(nn.Module):
   remat: str = "none"
 
   @nn.compact
-  def __call__(self, x: jax.Array, extra: Any = None, deterministic: bool = True, per_layer: Any = None) -> Any:
+  def __call__(
+    self,
+    x: jax.Array,
+    extra: Any = None,
+    deterministic: bool = True,
+    per_layer: Any = None,
+    queries: jax.Array | None = None,
+  ) -> Any:
     """Returns x [B, L, D], or (x, per_layer outputs stacked [depth, ...]) when `per_layer` is given.
 
     `per_layer` (e.g. a KV cache `[depth, B, S, N, H]`) is sliced along its
     leading axis: block i gets slice i and returns its update.
+    `queries` (int [B, Q], `TimmBlock` stacks): only the outputs at these
+    positions, [B, Q, D]; the last block computes just those (deep scanned
+    stacks compute all and gather).
     """
     block_cls = self.block_cls
     kwargs = dict(self.block_kwargs, deterministic=deterministic)
@@ -449,7 +482,8 @@ class BlockStack(nn.Module):
     if loop_scanned:
       # The scanned parameters, sliced per layer and applied by a Python loop (see `LOOP_MAX_DEPTH`).
       looped = nn.map_variables(_BlockLoop, "params", trans_in_fn=functools.partial(_slice_layers, depth=self.depth))
-      x, outputs = looped(block_cls, kwargs, self.depth, name="blocks")(x, extra, per_layer)
+      x, outputs = looped(block_cls, kwargs, self.depth, name="blocks")(x, extra, per_layer, queries)
+      queries = None
     elif self.scan:
       stack = nn.scan(
         block_cls,
@@ -461,7 +495,11 @@ class BlockStack(nn.Module):
       )
       x, outputs = stack(**kwargs, name="blocks")(x, extra, per_layer)
     else:
-      x, outputs = _apply_in_turn(lambda i: block_cls(**kwargs, name=f"blocks_{i}"), self.depth, x, extra, per_layer)
+      make_block = lambda i: block_cls(**kwargs, name=f"blocks_{i}")  # noqa: E731
+      x, outputs = _apply_in_turn(make_block, self.depth, x, extra, per_layer, queries)
+      queries = None
+    if queries is not None:
+      x = jnp.take_along_axis(x, queries[:, :, None], axis=1)
     return x if per_layer is None else (x, outputs)
 
 
@@ -481,18 +519,23 @@ class _BlockLoop(nn.Module):
   depth: int
 
   @nn.compact
-  def __call__(self, x: jax.Array, extra: Any, per_layer: Any) -> tuple[jax.Array, Any]:
+  def __call__(self, x: jax.Array, extra: Any, per_layer: Any, queries: jax.Array | None) -> tuple[jax.Array, Any]:
     return _apply_in_turn(
-      lambda i: self.block_cls(**self.block_kwargs, name=f"blocks_{i}"), self.depth, x, extra, per_layer
+      lambda i: self.block_cls(**self.block_kwargs, name=f"blocks_{i}"), self.depth, x, extra, per_layer, queries
     )
 
 
-def _apply_in_turn(make_block: Any, depth: int, x: jax.Array, extra: Any, per_layer: Any) -> tuple[jax.Array, Any]:
-  """Blocks `make_block(0) .. make_block(depth - 1)` one after the other; per_layer as in `BlockStack`."""
+def _apply_in_turn(
+  make_block: Any, depth: int, x: jax.Array, extra: Any, per_layer: Any, queries: jax.Array | None = None
+) -> tuple[jax.Array, Any]:
+  """Blocks `make_block(0) .. make_block(depth - 1)` one after the other; per_layer, queries as in `BlockStack`."""
   outputs = []
   for i in range(depth):
     layer_input = None if per_layer is None else jax.tree.map(lambda a, i=i: a[i], per_layer)
-    x, out = make_block(i)(x, extra, layer_input)
+    if queries is not None and i == depth - 1:
+      x, out = make_block(i)(x, extra, layer_input, queries=queries)
+    else:
+      x, out = make_block(i)(x, extra, layer_input)
     outputs.append(out)
   outputs = None if per_layer is None else jax.tree.map(lambda *a: jnp.stack(a), *outputs)
   return x, outputs

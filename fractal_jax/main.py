@@ -17,9 +17,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from fractal_jax import cpu_flags
+from fractal_jax import malloc_tuning
 
-cpu_flags.enable_fast_cpu_matmuls()  # before JAX starts
+malloc_tuning.keep_freed_memory()  # before JAX starts its threads
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

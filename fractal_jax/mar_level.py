@@ -94,8 +94,9 @@ class MARLevel(nn.Module):
     mask: jax.Array,
     guide: jax.Array | None = None,
     deterministic: bool = True,
+    queries: jax.Array | None = None,
   ) -> jax.Array:
-    """Outputs at the patch positions.
+    """Outputs at the patch positions (all, or `queries`).
 
     Args:
       patches: [N, L, P*] patches (values under the mask are ignored).
@@ -103,9 +104,11 @@ class MARLevel(nn.Module):
       mask: [N, L] bool, True where the patch is hidden (to be predicted).
       guide: [N, 3] the patch's mean colour (normalised), with a guiding pixel.
       deterministic: no dropout (evaluation and sampling).
+      queries: int [N, Q] patch positions: only their outputs are computed
+        in the last block (sampling needs those of the patches it predicts).
 
     Returns:
-      [N, L, D] the middle condition of every patch.
+      [N, L, D] the middle condition of every patch, or [N, Q, D] of `queries`.
     """
     spec = self.spec
     x = self.patch_emb(patches)
@@ -118,6 +121,8 @@ class MARLevel(nn.Module):
     x = jnp.concatenate(prefix + [x], axis=1)  # [N, G + K + L, D]
     x = x + self.pos_embed_learned.astype(x.dtype)
     x = self.patch_emb_ln(x)
+    if queries is not None:
+      return self.norm(self.layers(x, None, deterministic, queries=queries + len(prefix)))
     x = self.layers(x, None, deterministic)
     x = self.norm(x)
     return x[:, len(prefix) :]

@@ -16,11 +16,14 @@ program holds one copy of each level's loop, nested. Per level:
   computed on the host in float64 (`mar_schedule`); step t predicts the
   order positions `[lo_t, hi_t)`. The count differs from step to step while
   shapes must be static, so the patches of a step go to the level below in
-  chunks of C (a `while_loop` over `ceil(count_t / C)` chunks): the padding
-  wasted is less than one chunk per step, instead of up to 1.75x of the
-  lower levels' work when every step is padded to the largest count. C is
-  chosen on the host per level (`chunk_size`). With a guiding pixel the
-  level first samples the patch's mean colour.
+  calls of a few sizes chosen on the host per level (`chunking`: e.g. 3 or
+  6 patches per item), through a `while_loop` and `lax.switch`: padding
+  every step to the largest count would waste up to 1.75x of the lower
+  levels' work, and many small calls cost a fixed time each. When the level
+  below reads only the middle condition (the pixel head, an AR level), the
+  last block is computed at the step's positions only (`queries`), not at
+  all L. With a guiding pixel the level first samples the patch's mean
+  colour.
 * Pixel head: R, G, B in order, one new token each (KV cache).
   **The temperature multiplies the logits**
   (official semantics: 1.1 sharpens). With guidance, where the conditional
@@ -60,7 +63,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -70,7 +72,7 @@ import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from fractal_jax import fractal, patches, pixel_head
+from fractal_jax import chunking, fractal, patches, pixel_head
 from fractal_jax import mesh as mesh_lib
 from fractal_jax.mar_schedule import MarSchedule, clamp_num_iter, mar_schedule
 from fractal_jax.model_config import ModelSettings
@@ -79,9 +81,11 @@ from fractal_jax.model_config import ModelSettings
 _ORDER_SALT = 2**31 - 1
 _GUIDE_SALT = 2**31 - 2
 CFG_SCHEDULES = ("linear", "constant")
-# Cost of one call of the level below, in items, for choosing MAR chunk sizes
-# (measured on CPU: SMALL MAR samples ~15% faster with chunks (2, 6) than (2, 3)).
-PIXEL_CALL_OVERHEAD = 4.0
+# Cost of one call of the level below, in its patches, for choosing a MAR level's call sizes (`chunking`).
+# The pixel head is cheap per pixel but runs 3 passes per call. On CPU, SMALL MAR (L=64, T=16 over L=16,
+# T=4) samples 1.15-1.2x faster with sizes ((3, 6), (6,)) than with ((2,), (6,)) or ((6,), (6,)).
+CALL_OVERHEAD = 4.0
+PIXEL_CALL_OVERHEAD = 16.0
 
 
 class SampleError(ValueError):
@@ -155,27 +159,10 @@ class SamplePlan:
   """Static sampling settings: one compiled program per plan (and batch size)."""
 
   schedules: tuple[MarSchedule | None, ...]  # per generator level; None for AR
-  chunks: tuple[int, ...]  # MAR chunk size per level (0 for AR)
+  chunks: tuple[tuple[int, ...], ...]  # per level: MAR call sizes for the level below (`chunking`); () for AR
   cfg_schedule: str
   guided: bool
   record_frames: bool = False
-
-
-def chunk_size(counts: Sequence[int], overhead: float = 0.5) -> int:
-  """Chunk size C minimising padded work + `overhead` items per chunk.
-
-  E.g. counts (2, 3, 5, 6) (L=16, T=4) -> C=3: 6 chunks, 18 items for 16
-  needed, where padding each step to 6 computes 24; counts all 1 -> C=1.
-  With `overhead=4` (the level above the pixel head) the same counts give
-  C=6: 4 calls of the pixel head's 3 passes instead of 6.
-  """
-  best, best_cost = 1, math.inf
-  for size in range(1, max(counts) + 1):
-    chunks = sum(-(-c // size) for c in counts)
-    cost = chunks * size + overhead * chunks
-    if cost < best_cost:
-      best, best_cost = size, cost
-  return best
 
 
 def make_plan(
@@ -211,14 +198,12 @@ def make_plan(
   for spec, steps in zip(levels, num_iter):
     if spec.kind == "ar":
       schedules.append(None)
-      chunks.append(0)
+      chunks.append(())
     else:
       schedule = mar_schedule(spec.seq_len, clamp_num_iter(spec.seq_len, int(steps), spec.index))
       schedules.append(schedule)
-      # Below the last generator level is the pixel head: cheap per item, costly per call
-      # (3 sequential passes), so that level takes fewer, padded chunks.
       above_pixel_head = spec.index == len(levels) - 1
-      chunks.append(chunk_size(schedule.counts, overhead=PIXEL_CALL_OVERHEAD if above_pixel_head else 0.5))
+      chunks.append(chunking.chunk_sizes(schedule.counts, PIXEL_CALL_OVERHEAD if above_pixel_head else CALL_OVERHEAD))
   return SamplePlan(tuple(schedules), tuple(chunks), cfg_schedule, cfg != 1.0, record_frames)
 
 
@@ -235,6 +220,23 @@ def guided_logits(cond: jax.Array, uncond: jax.Array, cfg: jax.Array, filter_thr
   lifted = jnp.maximum(uncond, cond - cond.max(-1, keepdims=True) + uncond.max(-1, keepdims=True))
   uncond = jnp.where(low, lifted, uncond)
   return uncond + cfg * (cond - uncond)
+
+
+def categorical(logits: jax.Array, uniform: jax.Array) -> jax.Array:
+  """Draws ids [N] int32 from softmax(logits [N, V]) by inverting the CDF at `uniform` [N] in [0, 1).
+
+  Exact categorical sampling, like `jax.random.categorical`, but from one
+  uniform per draw instead of V Gumbel variates: on CPU the threefry hash
+  runs as a rolled loop of small operations, and drawing 3 x 256 numbers per
+  pixel took ~15% of the SMALL MAR sampler's time. Id j is drawn when
+  cdf_{j-1} <= u * cdf_{V-1} < cdf_j, so ids of probability 0 never are.
+  """
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  vocab = logits.shape[-1]
+  lower = jnp.asarray(np.triu(np.ones((vocab, vocab), np.float32)))  # cdf = probs @ lower (sums ids <= j)
+  cdf = jnp.dot(probs, lower, precision=jax.lax.Precision.HIGHEST)
+  threshold = uniform[:, None] * cdf[:, -1:]
+  return jnp.sum(cdf <= threshold, axis=-1).astype(jnp.int32)
 
 
 def _fold(keys: jax.Array, data: jax.Array | int) -> jax.Array:
@@ -289,13 +291,14 @@ class _Recursion:
     """
     num = keys.shape[0]
     ids = jnp.zeros((num, 3), jnp.int32)
+    uniforms = jax.vmap(lambda k: jax.random.uniform(k, (3,)))(keys)  # [N, 3]: one draw per channel
     cache = self.call(lambda m: head(m).init_cache(cond.shape[0]))
     for channel in range(3):
       logits, cache = self.call(lambda m, *a, c=channel: head(m).decode(*a[:2], c, a[2]), cond, self.dup(ids), cache)
       logits = logits * self.hyper.temperature
       if self.plan.guided:
         logits = guided_logits(logits[:num], logits[num:], cfg[:, None], self.hyper.filter_threshold)
-      sampled = jax.vmap(jax.random.categorical)(_fold(keys, channel), logits).astype(jnp.int32)
+      sampled = categorical(logits, uniforms[:, channel])
       if known is not None:
         sampled = jnp.where(known.mask, known.ids[:, channel], sampled)
       ids = ids.at[:, channel].set(sampled)
@@ -345,7 +348,7 @@ class _Recursion:
     return patches.unpatchify(level_patches, spec.patch_size)
 
   def mar(self, index: int, conds: list[jax.Array], cfg: jax.Array, keys: jax.Array, known: Known | None) -> jax.Array:
-    spec, schedule, chunk = self.levels[index], self.plan.schedules[index], self.plan.chunks[index]
+    spec, schedule, sizes = self.levels[index], self.plan.schedules[index], self.plan.chunks[index]
     num, length, groups = keys.shape[0], spec.seq_len, 2 if self.plan.guided else 1
     orders = jax.vmap(lambda k: jax.random.permutation(jax.random.fold_in(k, _ORDER_SALT), length))(keys)
     orders = orders.astype(jnp.int32)  # [N, L] position at each order index
@@ -368,39 +371,60 @@ class _Recursion:
     num_steps = jnp.asarray(tables[3])[unknown].max()
     linear = index == 0 and self.plan.cfg_schedule == "linear"
     rows = jnp.arange(num)[:, None]
+    # A step's order positions, descending from hi_t - 1: its patches, then padding up to the slots its
+    # calls of the level below reach (`chunking.span`). When that level reads only the middle condition,
+    # this level computes its last block at those positions only.
+    slots = chunking.span(int((tables[1] - tables[0]).max()), sizes)
+    queries = slots if spec.next_num_conds == 1 and slots < length else 0
 
     def step(t: jax.Array, state: Any) -> Any:
       level_patches, frames = state
       lo_t, hi_t = lo[:, t], hi[:, t]  # [N]
       hidden = ranks < hi_t[:, None]  # [N, L]: order positions [0, hi_t) are still hidden
+      order_index = hi_t[:, None] - 1 - jnp.arange(slots)  # [N, slots]
+      positions = jnp.take_along_axis(orders, jnp.maximum(order_index, 0), axis=1)
       middle = self.call(
-        lambda m, *a: m.levels[index](*a),
+        lambda m, *a: m.levels[index](*a[:4], queries=a[4]),
         self.dup(level_patches),
         conds[: spec.num_conds],
         self.dup(hidden),
         guide,
+        self.dup(positions) if queries else None,
       )
-      outputs = patches.neighbour_conditions(middle, spec.next_num_conds)  # [G*N, L, D] each
+      if queries:  # [G*N, slots, D]: the outputs at `positions`
+        outputs = [middle.reshape(groups, num, slots, -1)]
+      else:  # [G*N, L, D] each: the outputs at every position, gathered below
+        outputs = [
+          o.reshape(groups, num, length, -1) for o in patches.neighbour_conditions(middle, spec.next_num_conds)
+        ]
       cfg_t = 1.0 + (cfg - 1.0) * progress[:, t] if linear else cfg
 
-      def one_chunk(c: jax.Array, level_patches: jax.Array) -> jax.Array:
-        order_index = hi_t[:, None] - c * chunk - 1 - jnp.arange(chunk)  # [N, C], descending
-        valid = order_index >= lo_t[:, None]
-        positions = jnp.take_along_axis(orders, jnp.maximum(order_index, 0), axis=1)  # [N, C]
-        gathered = [
-          jnp.take_along_axis(o.reshape(groups, num, length, -1), positions[None, :, :, None], axis=2).reshape(
-            groups * num * chunk, -1
-          )
-          for o in outputs
-        ]
-        child_keys = _fold(jnp.repeat(keys, chunk), positions.reshape(-1))
-        child_known = None if known is None else _take_known(known, positions)
+      def one_chunk(chunk: int, start: jax.Array, level_patches: jax.Array) -> jax.Array:
+        """Samples the patches at slots [start, start + chunk) below and writes them."""
+        chunk_index = jax.lax.dynamic_slice_in_dim(order_index, start, chunk, axis=1)  # [N, C]
+        valid = chunk_index >= lo_t[:, None]
+        chunk_positions = jax.lax.dynamic_slice_in_dim(positions, start, chunk, axis=1)
+        if queries:
+          gathered = [jax.lax.dynamic_slice_in_dim(o, start, chunk, axis=2) for o in outputs]
+        else:
+          gathered = [jnp.take_along_axis(o, chunk_positions[None, :, :, None], axis=2) for o in outputs]
+        gathered = [g.reshape(groups * num * chunk, -1) for g in gathered]
+        child_keys = _fold(jnp.repeat(keys, chunk), chunk_positions.reshape(-1))
+        child_known = None if known is None else _take_known(known, chunk_positions)
         child = self.level(index + 1, gathered, jnp.repeat(cfg_t, chunk), child_keys, child_known)  # [N*C, P, P, 3]
-        write = jnp.where(valid, positions, length)  # padding goes out of range: dropped
+        write = jnp.where(valid, chunk_positions, length)  # padding goes out of range: dropped
         return level_patches.at[rows, write].set(_patch_vectors(child).reshape(num, chunk, -1), mode="drop")
 
-      num_chunks = ((hi_t - lo_t + chunk - 1) // chunk).max()
-      level_patches = jax.lax.fori_loop(0, num_chunks, one_chunk, level_patches)
+      count = (hi_t - lo_t).max()
+      branches = [functools.partial(one_chunk, size) for size in sizes]
+
+      def call_below(state: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        start, level_patches = state
+        which = chunking.next_size(count - start, sizes)
+        level_patches = jax.lax.switch(which, branches, start, level_patches)  # one size: a plain call
+        return start + jnp.asarray(sizes)[which], level_patches
+
+      _, level_patches = jax.lax.while_loop(lambda state: state[0] < count, call_below, (0, level_patches))
       return level_patches, self._record(frames, t, level_patches, spec.patch_size)
 
     state = (level_patches, self._frames(index, num))

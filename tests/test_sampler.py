@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import tiny_models
 
-from fractal_jax import fractal, mar_schedule, patches, sampler
+from fractal_jax import chunking, fractal, mar_schedule, patches, sampler
 
 
 def official_schedule(seq_len: int, num_iter: int) -> list[tuple[set, float]]:
@@ -73,12 +74,64 @@ def test_linear_cfg_uses_the_clamped_count():
   assert schedule.cfg_scale(3.0, 0, "constant") == 3.0
 
 
-def test_chunk_size():
-  assert sampler.chunk_size((2, 3, 5, 6)) == 3
-  assert sampler.chunk_size((1,) * 16) == 1
-  assert sampler.chunk_size((2, 3, 5, 6), overhead=4.0) == 6
-  plan = sampler.make_plan(tiny_models.settings("mar_mar", img_size_list=(16, 4, 1)), (16, 4), cfg=1.0)
-  assert plan.chunks == (1, 6)  # L=16, T=16: one patch a step; above the pixel head: padded to 6
+def test_call_sizes_cover_every_count_and_host_matches_device():
+  assert chunking.split(5, (3, 6)) == [6] and chunking.split(8, (3, 6)) == [6, 3] and chunking.split(2, (3, 6)) == [3]
+  assert chunking.span(6, (3, 6)) == 6 and chunking.span(7, (3, 6)) == 9  # 7 takes 6 + 3 slots
+  assert chunking.span(5, (2,)) == 6
+  for sizes in [(1,), (3,), (2, 5), (3, 6)]:
+    for count in range(1, 14):
+      calls, start = chunking.split(count, sizes), 0
+      assert sum(calls) >= count and sum(calls) - calls[-1] < count  # covers, and the last call is needed
+      for size in calls:  # the device rule picks the same sizes
+        assert sizes[int(chunking.next_size(jnp.int32(count - start), sizes))] == size
+        start += size
+  assert chunking.chunk_sizes((2, 3, 5, 6), 4.0) == (3, 6)  # 18 slots in 4 calls: 34 against 40 for (6,)
+  assert chunking.chunk_sizes((2, 3, 5, 6), 4.0, max_sizes=1) == (6,)
+  assert chunking.chunk_sizes((2, 3, 5, 6), 16.0) == (6,)  # (3, 6) would save 6 of 88: not worth a copy
+  assert chunking.chunk_sizes((2, 3, 5, 6), 0.0) == (1,)  # no call overhead: no padding
+  assert chunking.chunk_sizes((1, 2, 3, 3), 4.0) == (3,)  # (1, 3) saves 2 of 28
+  plan = sampler.make_plan(tiny_models.settings("mar_mar", img_size_list=(32, 4, 1)), (16, 4), cfg=1.0)
+  assert plan.chunks == ((3, 6), (6,))  # L=64, T=16 over L=16, T=4 above the pixel head
+
+
+def test_inverse_cdf_categorical_on_hand_made_logits():
+  probs = np.asarray([0.1, 0.0, 0.25, 0.65], np.float32)
+  uniform = np.linspace(0.0, 0.999, 1000, dtype=np.float32)
+  logits = jnp.log(jnp.broadcast_to(jnp.asarray(probs), (1000, 4)))
+  ids = np.asarray(sampler.categorical(logits, jnp.asarray(uniform)))
+  np.testing.assert_array_equal(ids, np.searchsorted(np.cumsum(probs), uniform, side="right"))
+  assert 1 not in ids  # probability 0 is never drawn
+  np.testing.assert_allclose(np.bincount(ids, minlength=4) / 1000, probs, atol=2e-3)
+
+
+def test_mar_level_outputs_at_queries_equal_the_full_outputs():
+  s, model, params = _bound("mar_mar", depths=(2, 2, 1))
+  spec = s.levels[1]  # the level above the pixel head
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (3, spec.seq_len, spec.patch_dim))
+  conds = [jax.random.normal(jax.random.fold_in(key, i), (3, spec.cond_width)) for i in range(spec.num_conds)]
+  hidden = jax.random.bernoulli(jax.random.fold_in(key, 9), 0.5, (3, spec.seq_len))
+  queries = jnp.asarray([[3, 0], [1, 1], [2, 3]])
+  level = lambda m, *a, **k: m.levels[1](*a, **k)  # noqa: E731
+  full = model.apply({"params": params}, x, conds, hidden, method=level)
+  picked = model.apply({"params": params}, x, conds, hidden, queries=queries, method=level)
+  np.testing.assert_allclose(picked, jnp.take_along_axis(full, queries[..., None], axis=1), rtol=1e-5, atol=1e-6)
+
+
+def test_images_do_not_depend_on_the_call_sizes():
+  """Call sizes (1, 2 or 3 patches, mixed) and the last block at the step's positions only (sizes < L) or
+  at all L (size 9 = L) give the same images: randomness follows patches, not calls."""
+  s, model, params = _bound("mar_2")
+  plan = sampler.make_plan(s, (5,), cfg=2.0)  # counts (1, 1, 2, 3, 2)
+  labels = jnp.asarray([0, 4])
+  images = [
+    np.asarray(
+      sampler.sample(model, params, labels, jax.random.key(7), dataclasses.replace(plan, chunks=(sizes,)), cfg=2.0)[0]
+    )
+    for sizes in [(9,), (1,), (3,), (1, 2)]
+  ]
+  for other in images[1:]:
+    np.testing.assert_array_equal(other, images[0])
 
 
 def test_guidance_filter_rule_on_hand_made_logits():

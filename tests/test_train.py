@@ -41,8 +41,7 @@ def losses(workdir: pathlib.Path) -> dict[int, float]:
 
 def start(workdir: pathlib.Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.Popen:
   command = [sys.executable, "-m", "fractal_jax.main", *TINY_FLAGS, f"--workdir={workdir}", *flags]
-  # No oneDNN flags: the same compiled programs as the in-process runs (compilation cache hits).
-  env = dict(os.environ, JAX_PLATFORMS="cpu", FRACTAL_JAX_ONEDNN="0", **(env or {}))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
   return subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
