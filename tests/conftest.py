@@ -1,11 +1,20 @@
-"""Shared test set-up: a persistent compilation cache and small model builders."""
+"""Shared test set-up: fast compilation, a persistent compilation cache and small model builders.
+
+The tests' programs are tiny and compiling them dominates the suite, so XLA's
+backend (LLVM) optimisation is turned down to level 0 here: about a quarter
+less compile time, for code that runs a little slower. Subprocesses that the
+tests start inherit the setting (and the cache directory). Users' runs are
+not affected.
+"""
 
 from __future__ import annotations
 
 import os
 import pathlib
 
-import jax
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
+
+import jax  # noqa: E402
 
 _CACHE = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_CACHE))  # for subprocesses too

@@ -68,7 +68,7 @@ def check_step_equals_single_device() -> None:
 
 
 def check_fsdp_memory() -> None:
-  s = tiny_models.settings("ar_ar", widths=(64, 32, 16), heads=(2, 2, 2))
+  s = tiny_models.settings("mar_2", widths=(128, 64))
   model = fractal.build(s)
   opt = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 2, 10))
   device_mesh = mesh.make_mesh((1, 8, 1))

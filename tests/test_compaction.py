@@ -94,7 +94,7 @@ def test_skippable_runs_or_skips_with_exact_gradients():
 
 @pytest.mark.parametrize(
   "family,main",
-  [("mar_guiding_4", "one"), ("ar_over_mar", "one"), ("mar_over_ar", "all_but_one")],
+  [("mar_mar", "one"), ("ar_over_mar", "one"), ("mar_over_ar", "all_but_one")],
 )
 def test_compacted_training_loss_and_grads_equal_official(family, main, monkeypatch):
   """Training compacts the items below MAR levels (`compaction`): exact whatever the main capacity.
@@ -105,7 +105,9 @@ def test_compacted_training_loss_and_grads_equal_official(family, main, monkeypa
   """
   # Training semantics without dropout (AR blocks fix theirs at 0.1), so that the official-style loss compares.
   monkeypatch.setattr(blocks, "Dropout", lambda *args, **kwargs: lambda x, deterministic=None: x)
-  s = tiny_models.settings(family, label_drop_prob=0.0)
+  # mar_mar with a guiding pixel at level 1: two compacted MAR levels and the guiding-pixel loss.
+  extra = dict(guiding_pixel=True) if family == "mar_mar" else {}
+  s = tiny_models.settings(family, label_drop_prob=0.0, **extra)
   capacities = {"one": lambda n, kinds, lens: 1, "all_but_one": lambda n, kinds, lens: n * int(np.prod(lens)) - 1}
   monkeypatch.setattr(compaction, "capacity", capacities[main])
   model = fractal.build(s)
