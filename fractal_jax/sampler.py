@@ -24,7 +24,8 @@ program holds one copy of each level's loop, nested. Per level:
   last block is computed at the step's positions only (`queries`), not at
   all L. With a guiding pixel the level first samples the patch's mean
   colour.
-* Pixel head: R, G, B in order, one new token each (KV cache).
+* Pixel head: R, G, B in order, one new token each (KV cache), each drawn
+  by inverting its CDF at one uniform number (`categorical`).
   **The temperature multiplies the logits**
   (official semantics: 1.1 sharpens). With guidance, where the conditional
   probability is below `filter_threshold` the unconditional logit becomes
