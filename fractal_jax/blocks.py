@@ -483,7 +483,6 @@ class BlockStack(nn.Module):
       # The scanned parameters, sliced per layer and applied by a Python loop (see `LOOP_MAX_DEPTH`).
       looped = nn.map_variables(_BlockLoop, "params", trans_in_fn=functools.partial(_slice_layers, depth=self.depth))
       x, outputs = looped(block_cls, kwargs, self.depth, name="blocks")(x, extra, per_layer, queries)
-      queries = None
     elif self.scan:
       stack = nn.scan(
         block_cls,
@@ -494,12 +493,11 @@ class BlockStack(nn.Module):
         metadata_params={nn.PARTITION_NAME: "layers"},
       )
       x, outputs = stack(**kwargs, name="blocks")(x, extra, per_layer)
+      if queries is not None:  # every layer scanned over all positions: gather at the end
+        x = jnp.take_along_axis(x, queries[:, :, None], axis=1)
     else:
       make_block = lambda i: block_cls(**kwargs, name=f"blocks_{i}")  # noqa: E731
       x, outputs = _apply_in_turn(make_block, self.depth, x, extra, per_layer, queries)
-      queries = None
-    if queries is not None:
-      x = jnp.take_along_axis(x, queries[:, :, None], axis=1)
     return x if per_layer is None else (x, outputs)
 
 

@@ -193,7 +193,7 @@ class FractalModel(nn.Module):
       weights = (weights[:, None] * hidden).reshape(-1)
       ids = (ids[:, None] * spec.seq_len + jnp.arange(spec.seq_len, dtype=jnp.int32)).reshape(-1)
       raster_items *= spec.seq_len
-      if train and not self.is_initializing() and "mar" in compaction.level_kinds(s.levels[: spec.index + 1])[0]:
+      if train and not self.is_initializing() and any(level.kind == "mar" for level in s.levels[: spec.index + 1]):
         items, conds, weights, ids, layout = self._compact(items, conds, weights, ids, batch, spec.index + 1)
     inputs = {"cond": conds[0], "pixels": items.reshape(items.shape[0], 3), "noise": self._noise(pixel_noise, ids)}
     out = self._per_item(self.pixel_head, functools.partial(_pixel_items, s.pixel.r_weight, train), inputs, layout)
