@@ -7,7 +7,9 @@ logits and softmax in float32 for low-precision inputs, as the official code's
 upcast). The one exception is attention-probability dropout, used by the MAR
 levels when training: `jax.nn.dot_product_attention` has no dropout, so that
 case computes the same softmax explicitly (float32 logits) and drops
-probabilities before the value product, exactly where the official code does.
+probabilities before the value product, exactly where the official code does,
+with a written-out gradient (`_dropout_attention`) whose products XLA's CPU
+matmul library accepts.
 
 Very short sequences (the pixel heads' three tokens) take `_short_attention`,
 the same softmax written out per query and key position: on CPU XLA runs
@@ -18,7 +20,7 @@ and backward) about 3x faster.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +35,8 @@ def dot_product_attention(
   value: jax.Array,
   *,
   causal: bool,
-  probs_dropout: Callable[[jax.Array], jax.Array] | None = None,
+  dropout_keep: jax.Array | None = None,
+  keep_prob: float = 1.0,
 ) -> jax.Array:
   """Multi-head attention.
 
@@ -42,24 +45,75 @@ def dot_product_attention(
     key: [B, S, N, H].
     value: [B, S, N, H].
     causal: mask keys after each query (T == S).
-    probs_dropout: applied to the attention probabilities when given (training).
+    dropout_keep: bool [B, N, T, S] (training): attention-probability dropout
+      keeps these probabilities, scaled by 1 / keep_prob, and zeroes the rest.
+    keep_prob: the dropout's keep probability.
 
   Returns:
     [B, T, N, H] in value's dtype.
   """
-  if probs_dropout is None:
+  if dropout_keep is None:
     if max(query.shape[1], key.shape[1]) <= SHORT_SEQUENCE:
       return _short_attention(query, key, value, causal=causal)
     return jax.nn.dot_product_attention(query, key, value, is_causal=causal)
+  return _dropout_attention(query, key, value, dropout_keep, causal, keep_prob)
+
+
+def _dropout_probs(
+  query: jax.Array, key: jax.Array, keep: jax.Array, causal: bool, keep_prob: float
+) -> tuple[jax.Array, jax.Array]:
+  """(softmax probabilities [B, N, T, S] float32, the same after dropout in key's dtype)."""
   scale = query.shape[-1] ** -0.5
   logits = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32) * scale
   if causal:
     t, s = logits.shape[-2:]
-    allowed = jnp.tril(jnp.ones((t, s), dtype=bool))
-    logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(jnp.tril(jnp.ones((t, s), dtype=bool)), logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
-  probs = probs_dropout(probs).astype(value.dtype)
-  return jnp.einsum("bnts,bsnh->btnh", probs, value)
+  return probs, jnp.where(keep, probs / keep_prob, 0.0).astype(key.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _dropout_attention(
+  query: jax.Array, key: jax.Array, value: jax.Array, keep: jax.Array, causal: bool, keep_prob: float
+) -> jax.Array:
+  """Softmax attention with dropout on the probabilities (where the official code drops them).
+
+  A custom gradient, because autodiff's products for dK and dV contract the
+  query axis of [B, N, T, S] arrays, which is not their minor axis: XLA's CPU
+  backend then falls back from its fast matmul library to a generic dot (~7%
+  of a SMALL MAR training step). Here every product's operands are laid out
+  with the contracted axis minor (explicit transposes of the small [T, S]
+  matrices).
+  """
+  _, dropped = _dropout_probs(query, key, keep, causal, keep_prob)
+  return jnp.einsum("bnts,bsnh->btnh", dropped.astype(value.dtype), value)
+
+
+def _dropout_attention_fwd(
+  query: jax.Array, key: jax.Array, value: jax.Array, keep: jax.Array, causal: bool, keep_prob: float
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  probs, dropped = _dropout_probs(query, key, keep, causal, keep_prob)
+  out = jnp.einsum("bnts,bsnh->btnh", dropped.astype(value.dtype), value)
+  return out, (query, key, value, keep, probs)
+
+
+def _dropout_attention_bwd(
+  causal: bool, keep_prob: float, residuals: tuple[jax.Array, ...], d_out: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array, None]:
+  query, key, value, keep, probs = residuals
+  scale = query.shape[-1] ** -0.5
+  dropped = jnp.where(keep, probs / keep_prob, 0.0).astype(value.dtype)
+  d_value = jnp.einsum("bnst,btnh->bsnh", jnp.swapaxes(dropped, -1, -2), d_out.astype(value.dtype))
+  d_dropped = jnp.einsum("btnh,bsnh->bnts", d_out, value, preferred_element_type=jnp.float32)
+  d_probs = jnp.where(keep, d_dropped / keep_prob, 0.0)
+  # Softmax backward; causally masked entries have probability 0, hence gradient 0.
+  d_logits = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True)) * scale
+  d_query = jnp.einsum("bnts,bsnh->btnh", d_logits.astype(key.dtype), key)
+  d_key = jnp.einsum("bnst,btnh->bsnh", jnp.swapaxes(d_logits, -1, -2).astype(query.dtype), query)
+  return d_query.astype(query.dtype), d_key.astype(key.dtype), d_value.astype(value.dtype), None
+
+
+_dropout_attention.defvjp(_dropout_attention_fwd, _dropout_attention_bwd)
 
 
 def _short_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, causal: bool) -> jax.Array:

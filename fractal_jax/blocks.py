@@ -346,10 +346,12 @@ class TimmAttention(nn.Module):
     if cache is not None:
       out, cache = attend_with_cache(q, k, v, cache, position)
     else:
-      probs_dropout = None
+      keep = None
       if self.attn_dropout > 0 and not self.deterministic:
-        probs_dropout = Dropout(self.attn_dropout, deterministic=False)
-      out = attention.dot_product_attention(q, k, v, causal=self.causal, probs_dropout=probs_dropout)
+        keep = Dropout(self.attn_dropout).keep_mask((batch, self.heads, length, k.shape[1]))
+      out = attention.dot_product_attention(
+        q, k, v, causal=self.causal, dropout_keep=keep, keep_prob=1.0 - self.attn_dropout
+      )
     out = dense(self.width, ("heads", "embed"), self.dtype, self.param_dtype, name="proj")(
       out.reshape(batch, length, self.width)
     )

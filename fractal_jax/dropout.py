@@ -81,10 +81,13 @@ class Dropout(nn.Dropout):
     if self.rate == 1.0:
       return jnp.zeros_like(inputs)
     keep_prob = 1.0 - self.rate
+    return lax.select(self.keep_mask(inputs.shape, rng), inputs / keep_prob, jnp.zeros_like(inputs))
+
+  def keep_mask(self, shape: Sequence[int], rng: jax.Array | None = None) -> jax.Array:
+    """bool [*shape]: the elements `__call__` keeps for inputs of this shape (same rng, same mask)."""
     if rng is None:
       rng = self.make_rng(self.rng_collection)
-    broadcast_shape = list(inputs.shape)
+    broadcast_shape = list(shape)
     for dim in self.broadcast_dims:
       broadcast_shape[dim] = 1
-    mask = jnp.broadcast_to(bernoulli(rng, keep_prob, broadcast_shape), inputs.shape)
-    return lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
+    return jnp.broadcast_to(bernoulli(rng, 1.0 - self.rate, broadcast_shape), tuple(shape))

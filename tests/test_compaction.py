@@ -107,7 +107,7 @@ def test_compacted_training_loss_and_grads_equal_official(family, main, monkeypa
   monkeypatch.setattr(blocks, "Dropout", lambda *args, **kwargs: lambda x, deterministic=None: x)
   # mar_mar with a guiding pixel at level 1: two compacted MAR levels and the guiding-pixel loss.
   extra = dict(guiding_pixel=True) if family == "mar_mar" else {}
-  s = tiny_models.settings(family, label_drop_prob=0.0, **extra)
+  s = tiny_models.settings(family, label_drop_prob=0.0, attn_dropout=0.0, **extra)
   capacities = {"one": lambda n, kinds, lens: 1, "all_but_one": lambda n, kinds, lens: n * int(np.prod(lens)) - 1}
   monkeypatch.setattr(compaction, "capacity", capacities[main])
   model = fractal.build(s)
