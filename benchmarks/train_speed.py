@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fractal_jax import malloc_tuning  # noqa: E402
+from fractal_jax import cpu_tuning  # noqa: E402
 
-malloc_tuning.keep_freed_memory()  # before JAX starts its threads
+cpu_tuning.apply()  # before JAX starts
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

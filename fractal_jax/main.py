@@ -17,9 +17,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from fractal_jax import malloc_tuning
+from fractal_jax import cpu_tuning
 
-malloc_tuning.keep_freed_memory()  # before JAX starts its threads
+cpu_tuning.apply()  # before JAX starts
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
