@@ -60,7 +60,8 @@ def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
   return 2 * size**3 / statistics.median(times)
 
 
-def measure(model_cfg, batch: int, dtype: str, repeats: int) -> dict:
+def compiled_step(model_cfg, batch: int, dtype: str = "float32"):
+  """(compiled train step, its state, uint8 images [batch, S, S, 3], labels [batch], compile seconds)."""
   model_cfg = model_cfg.copy_and_resolve_references()
   model_cfg.dtype = dtype
   settings = model_config.settings(model_cfg)
@@ -73,7 +74,11 @@ def measure(model_cfg, batch: int, dtype: str, repeats: int) -> dict:
   step = jax.jit(functools.partial(train_step.train_step, model, tx), donate_argnums=(0,))
   start = time.perf_counter()
   compiled = step.lower(state, images, labels, jax.random.key(1)).compile()
-  compile_s = time.perf_counter() - start
+  return compiled, state, images, labels, time.perf_counter() - start
+
+
+def measure(model_cfg, batch: int, dtype: str, repeats: int) -> dict:
+  compiled, state, images, labels, compile_s = compiled_step(model_cfg, batch, dtype)
   cost = compiled.cost_analysis()
   flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
   state, metrics = compiled(state, images, labels, jax.random.key(1))

@@ -85,25 +85,15 @@ def ours_worker(kind: str, what: str) -> None:
   from fractal_jax import cpu_tuning  # noqa: PLC0415
 
   cpu_tuning.apply()
-  import functools  # noqa: PLC0415
-
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
-  import numpy as np  # noqa: PLC0415
   import train_speed  # noqa: PLC0415
 
-  from fractal_jax import fractal, model_config, optimizer, sampler, train_step  # noqa: PLC0415
+  from fractal_jax import fractal, model_config, sampler  # noqa: PLC0415
 
   model_cfg = train_speed.small(kind)
-  settings = model_config.settings(model_cfg)
-  model = fractal.build(settings)
   if what == "train":
-    tx = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-4, 10, 1000))
-    state = jax.jit(lambda k: train_step.init_state(fractal.init_params(model, k), tx))(jax.random.key(0))
-    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (BATCH, 32, 32, 3)), jnp.uint8)
-    labels = jnp.arange(BATCH) % settings.num_classes
-    step = jax.jit(functools.partial(train_step.train_step, model, tx), donate_argnums=(0,))
-    step = step.lower(state, images, labels, jax.random.key(1)).compile()
+    step, state, images, labels, _ = train_speed.compiled_step(model_cfg, BATCH)
     box = [state]
 
     def call() -> None:
@@ -111,6 +101,8 @@ def ours_worker(kind: str, what: str) -> None:
       jax.block_until_ready(metrics)
 
   else:
+    settings = model_config.settings(model_cfg)
+    model = fractal.build(settings)
     params = jax.jit(lambda k: fractal.init_params(model, k))(jax.random.key(0))
     plan = sampler.make_plan(settings, NUM_ITER, cfg=CFG)
     labels = jnp.arange(SAMPLES) % settings.num_classes

@@ -62,14 +62,19 @@ def dot_product_attention(
 def _dropout_probs(
   query: jax.Array, key: jax.Array, keep: jax.Array, causal: bool, keep_prob: float
 ) -> tuple[jax.Array, jax.Array]:
-  """(softmax probabilities [B, N, T, S] float32, the same after dropout in key's dtype)."""
+  """(softmax probabilities [B, N, T, S] float32, the same after dropout in key's (= value's) dtype)."""
   scale = query.shape[-1] ** -0.5
   logits = jnp.einsum("btnh,bsnh->bnts", query, key, preferred_element_type=jnp.float32) * scale
   if causal:
     t, s = logits.shape[-2:]
     logits = jnp.where(jnp.tril(jnp.ones((t, s), dtype=bool)), logits, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(logits, axis=-1)
-  return probs, jnp.where(keep, probs / keep_prob, 0.0).astype(key.dtype)
+  return probs, _dropped(probs, keep, keep_prob, key.dtype)
+
+
+def _dropped(probs: jax.Array, keep: jax.Array, keep_prob: float, dtype: jnp.dtype) -> jax.Array:
+  """Probabilities after dropout: kept ones scaled by 1 / keep_prob, the rest 0; in `dtype`."""
+  return jnp.where(keep, probs / keep_prob, 0.0).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
@@ -80,20 +85,19 @@ def _dropout_attention(
 
   A custom gradient, because autodiff's products for dK and dV contract the
   query axis of [B, N, T, S] arrays, which is not their minor axis: XLA's CPU
-  backend then falls back from its fast matmul library to a generic dot (~7%
+  backend then falls back from its fast matmul library to a generic dot (~8%
   of a SMALL MAR training step). Here every product's operands are laid out
   with the contracted axis minor (explicit transposes of the small [T, S]
   matrices).
   """
-  _, dropped = _dropout_probs(query, key, keep, causal, keep_prob)
-  return jnp.einsum("bnts,bsnh->btnh", dropped.astype(value.dtype), value)
+  return _dropout_attention_fwd(query, key, value, keep, causal, keep_prob)[0]
 
 
 def _dropout_attention_fwd(
   query: jax.Array, key: jax.Array, value: jax.Array, keep: jax.Array, causal: bool, keep_prob: float
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
   probs, dropped = _dropout_probs(query, key, keep, causal, keep_prob)
-  out = jnp.einsum("bnts,bsnh->btnh", dropped.astype(value.dtype), value)
+  out = jnp.einsum("bnts,bsnh->btnh", dropped, value)
   return out, (query, key, value, keep, probs)
 
 
@@ -102,10 +106,10 @@ def _dropout_attention_bwd(
 ) -> tuple[jax.Array, jax.Array, jax.Array, None]:
   query, key, value, keep, probs = residuals
   scale = query.shape[-1] ** -0.5
-  dropped = jnp.where(keep, probs / keep_prob, 0.0).astype(value.dtype)
-  d_value = jnp.einsum("bnst,btnh->bsnh", jnp.swapaxes(dropped, -1, -2), d_out.astype(value.dtype))
+  dropped = _dropped(probs, keep, keep_prob, value.dtype)  # recomputed: cheaper to store probs only
+  d_value = jnp.einsum("bnst,btnh->bsnh", jnp.swapaxes(dropped, -1, -2), d_out)
   d_dropped = jnp.einsum("btnh,bsnh->bnts", d_out, value, preferred_element_type=jnp.float32)
-  d_probs = jnp.where(keep, d_dropped / keep_prob, 0.0)
+  d_probs = _dropped(d_dropped, keep, keep_prob, jnp.float32)  # dropout's gradient is the same mask and scale
   # Softmax backward; causally masked entries have probability 0, hence gradient 0.
   d_logits = probs * (d_probs - jnp.sum(d_probs * probs, axis=-1, keepdims=True)) * scale
   d_query = jnp.einsum("bnts,bsnh->btnh", d_logits.astype(key.dtype), key)
