@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fractal_jax import datasets, input_pipeline  # noqa: E402
+from fractal_jax.data import pipeline as input_pipeline  # noqa: E402
+from fractal_jax.data import sources as datasets  # noqa: E402
 
 
 def natural_like_jpeg(rng: np.random.Generator, width: int, height: int, quality: int) -> bytes:

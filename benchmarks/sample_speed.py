@@ -27,8 +27,10 @@ cpu_tuning.apply()  # before JAX starts
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from fractal_jax import fractal, model_config, sampler  # noqa: E402
-from fractal_jax.config_base import base_config, load_config_file  # noqa: E402
+from fractal_jax.config import base_config, load_config_file  # noqa: E402
+from fractal_jax.model import fractal  # noqa: E402
+from fractal_jax.model import settings as model_config  # noqa: E402
+from fractal_jax.sampling import sampler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(img_size_list=(32, 4, 1), widths=(256, 128, 64), depths=(4, 2, 1), heads=(4, 4, 2), num_classes=10)

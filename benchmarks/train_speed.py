@@ -31,8 +31,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from fractal_jax import fractal, model_config, optimizer, train_step  # noqa: E402
-from fractal_jax.config_base import base_config, load_config_file  # noqa: E402
+from fractal_jax.config import base_config, load_config_file  # noqa: E402
+from fractal_jax.model import fractal  # noqa: E402
+from fractal_jax.model import settings as model_config  # noqa: E402
+from fractal_jax.train import optimizer  # noqa: E402
+from fractal_jax.train import step as train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(img_size_list=(32, 4, 1), widths=(256, 128, 64), depths=(4, 2, 1), heads=(4, 4, 2), num_classes=10)
@@ -95,7 +98,9 @@ def measure(model_cfg, batch: int, dtype: str, repeats: int) -> dict:
 
 def demo_nll(checkpoint: str, max_images: int) -> None:
   """Held-out bits/dim of a demo checkpoint, computed in float32 and in bfloat16."""
-  from fractal_jax import checkpoint_io, datasets, nll
+  from fractal_jax.data import sources as datasets
+  from fractal_jax.evaluation import nll
+  from fractal_jax.io import model_checkpoint as checkpoint_io
 
   config = load_config_file(str(ROOT / "configs" / "demo.py"))
   params = checkpoint_io.load_params(checkpoint, config.model)

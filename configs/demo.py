@@ -7,7 +7,7 @@ level over the 4 pixels of each patch, and the pixel head.
     python -m fractal_jax.main --config=configs/demo.py --workdir=/tmp/fractal_demo
 """
 
-from fractal_jax.config_base import base_config
+from fractal_jax.config import base_config
 
 
 def get_config():

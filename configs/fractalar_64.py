@@ -1,6 +1,6 @@
 """FractalAR, ImageNet 64x64 (official `fractalar_in64`): 442,068,224 parameters."""
 
-from fractal_jax.config_base import base_config
+from fractal_jax.config import base_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """FractalMAR, ImageNet 64x64 (official `fractalmar_in64`): 431,995,648 parameters."""
 
-from fractal_jax.config_base import base_config
+from fractal_jax.config import base_config
 
 
 def get_config():

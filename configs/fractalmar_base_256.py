@@ -1,6 +1,6 @@
 """FractalMAR-Base, ImageNet 256x256 (official `fractalmar_base_in256`): 186,300,224 parameters."""
 
-from fractal_jax.config_base import base_config
+from fractal_jax.config import base_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """FractalMAR-Huge, ImageNet 256x256 (official `fractalmar_huge_in256`): 849,586,240 parameters."""
 
-from fractal_jax.config_base import base_config
+from fractal_jax.config import base_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """FractalMAR-Large, ImageNet 256x256 (official `fractalmar_large_in256`): 437,000,064 parameters."""
 
-from fractal_jax.config_base import base_config
+from fractal_jax.config import base_config
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """A CPU smoke-test model: 8x8 images, a MAR level over 2x2 patches, an AR level, the pixel head."""
 
-from fractal_jax.config_base import base_config
+from fractal_jax.config import base_config
 
 
 def get_config():

@@ -31,7 +31,11 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fractal_jax import checkpoint_io, config_base, config_files, fractal, model_config, torch_layout, torch_pickle
+from fractal_jax import config as config_base
+from fractal_jax.io import model_checkpoint as checkpoint_io
+from fractal_jax.io import torch_layout, torch_pickle
+from fractal_jax.model import fractal
+from fractal_jax.model import settings as model_config
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file of the model, e.g. configs/fractalmar_64.py (see configs/).", lock_config=True
@@ -57,7 +61,7 @@ def matching_configs(shapes: Mapping[str, Sequence[int]]) -> list[str]:
   """The official config files (`configs/<name>.py`) whose layout has exactly these tensor names and shapes."""
   found = {name: tuple(shape) for name, shape in shapes.items()}
   matches = []
-  for name, config in config_files.official_configs().items():
+  for name, config in config_base.official_configs().items():
     try:
       expected = torch_layout.state_dict_shapes(model_config.settings(config.model))
     except model_config.ConfigError:
@@ -68,7 +72,7 @@ def matching_configs(shapes: Mapping[str, Sequence[int]]) -> list[str]:
 
 
 def _layout_hint(state_dict: Mapping[str, Any]) -> str:
-  if config_files.config_dir() is None:
+  if config_base.config_dir() is None:
     return ""
   matches = matching_configs({k: np.shape(v) for k, v in state_dict.items()})
   if matches:

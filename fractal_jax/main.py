@@ -24,7 +24,8 @@ cpu_tuning.apply()  # before JAX starts
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fractal_jax import config_base, model_config  # noqa: E402
+from fractal_jax import config as config_base  # noqa: E402
+from fractal_jax.model import settings as model_config  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/fractalar_64.py (see configs/).", lock_config=True
@@ -64,7 +65,7 @@ flags.mark_flags_as_required(["config"])
 
 
 def run_summary(config) -> None:
-  from fractal_jax import summary  # imports jax: keep `--help` fast
+  from fractal_jax.modes import summary  # imports jax: keep `--help` fast
 
   model_settings = model_config.settings(config.model)
   rows = summary.summarize(model_settings, with_flops=not _NO_FLOPS.value)
@@ -78,7 +79,7 @@ def run_summary(config) -> None:
 
 
 def run_sample(config) -> None:
-  from fractal_jax import sample_mode
+  from fractal_jax.modes import sample as sample_mode
 
   request = sample_mode.SampleRequest(
     checkpoint=_CHECKPOINT.value,
@@ -94,7 +95,7 @@ def run_sample(config) -> None:
 
 
 def run_edit(config) -> None:
-  from fractal_jax import edit_mode
+  from fractal_jax.modes import edit as edit_mode
 
   request = edit_mode.EditRequest(
     checkpoint=_CHECKPOINT.value,
@@ -113,7 +114,8 @@ def run_edit(config) -> None:
 
 
 def run_train(config) -> None:
-  from fractal_jax import distributed, trainer
+  from fractal_jax.parallel import distributed
+  from fractal_jax.train import trainer
 
   distributed.log_runtime()
   import jax
@@ -129,13 +131,13 @@ def run_train(config) -> None:
 
 
 def run_nll(config) -> None:
-  from fractal_jax import nll_mode
+  from fractal_jax.modes import nll as nll_mode
 
   nll_mode.run(config, _CHECKPOINT.value, _OUTPUT.value, _WEIGHTS.value)
 
 
 def _fid_request():
-  from fractal_jax import fid_mode
+  from fractal_jax.modes import fid as fid_mode
 
   return fid_mode.FidRequest(
     checkpoint=_CHECKPOINT.value,
@@ -153,13 +155,13 @@ def _fid_request():
 
 
 def run_fid(config) -> None:
-  from fractal_jax import fid_mode
+  from fractal_jax.modes import fid as fid_mode
 
   fid_mode.run_fid(config, _fid_request())
 
 
 def run_ref_stats(config) -> None:
-  from fractal_jax import fid_mode
+  from fractal_jax.modes import fid as fid_mode
 
   fid_mode.run_ref_stats(config, _fid_request())
 
@@ -180,10 +182,15 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
-  from fractal_jax import distributed
+  from fractal_jax.parallel import distributed
 
   distributed.maybe_initialize()  # before anything touches the devices
-  from fractal_jax import checkpoint_io, inception, input_pipeline, mesh, sampler, trainer
+  from fractal_jax.data import pipeline as input_pipeline
+  from fractal_jax.evaluation import inception
+  from fractal_jax.io import model_checkpoint as checkpoint_io
+  from fractal_jax.parallel import mesh
+  from fractal_jax.sampling import sampler
+  from fractal_jax.train import trainer
 
   config = _CONFIG.value
   expected = (

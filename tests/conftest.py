@@ -23,7 +23,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import pytest  # noqa: E402
 
-from fractal_jax.config_base import load_config_file  # noqa: E402
+from fractal_jax.config import load_config_file  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,8 @@ def tiny_checkpoint(tmp_path_factory, tiny_config):
   """configs/tiny.py with random parameters, saved as a converted checkpoint: its directory."""
   import tiny_models
 
-  from fractal_jax import checkpoint_io, model_config
+  from fractal_jax.io import model_checkpoint as checkpoint_io
+  from fractal_jax.model import settings as model_config
 
   params = tiny_models.init_params(model_config.settings(tiny_config.model))
   directory = tmp_path_factory.mktemp("ckpt") / "tiny"
@@ -52,7 +53,7 @@ def digits_run(tmp_path_factory):
   import numpy as np
   from tiny_training import tiny_train_config
 
-  from fractal_jax import trainer
+  from fractal_jax.train import trainer
 
   workdir = tmp_path_factory.mktemp("digits_run")
   stats = workdir.parent / "unit_gaussian_stats.npz"  # any statistics do for checking the periodic FID runs

@@ -18,7 +18,9 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models  # noqa: E402
 
-from fractal_jax import fractal, mesh, sampler  # noqa: E402
+from fractal_jax.model import fractal  # noqa: E402
+from fractal_jax.parallel import mesh  # noqa: E402
+from fractal_jax.sampling import sampler  # noqa: E402
 
 
 def main() -> None:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fractal_jax import attention, dropout
+from fractal_jax.model import attention, dropout
 
 KEEP_PROB = 0.9
 

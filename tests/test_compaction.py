@@ -1,4 +1,4 @@
-"""The loss's item compaction (`fractal_jax.compaction`): its pieces, and the compacted loss against the official one."""
+"""The loss's item compaction (`fractal_jax.train.compaction`): its pieces, and the compacted loss against the official one."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tiny_models
 
-from fractal_jax import blocks, compaction, fractal, masking
+from fractal_jax.model import blocks, fractal, masking
+from fractal_jax.train import compaction
 
 BATCH = 3
 KEY = jax.random.key(0)

@@ -6,8 +6,9 @@ import pytest
 import tiny_models
 from conftest import ROOT
 
-from fractal_jax import model_config, summary
-from fractal_jax.config_base import load_config_file
+from fractal_jax.config import load_config_file
+from fractal_jax.model import settings as model_config
+from fractal_jax.modes import summary
 
 OFFICIAL_COUNTS = {
   "fractalar_64": 442_068_224,

@@ -18,8 +18,12 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from fractal_jax import checkpoint_io, config_files, convert, model_config, torch_layout, torch_pickle
-from fractal_jax.config_base import base_config
+from fractal_jax import config as config_files
+from fractal_jax import convert
+from fractal_jax.config import base_config
+from fractal_jax.io import model_checkpoint as checkpoint_io
+from fractal_jax.io import torch_layout, torch_pickle
+from fractal_jax.model import settings as model_config
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"

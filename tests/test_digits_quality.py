@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fractal_jax import digits_quality
+from fractal_jax.evaluation import digits_quality
 
 
 @pytest.fixture(scope="module")

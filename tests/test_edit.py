@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tiny_models
 
-from fractal_jax import fractal, mar_schedule, sampler
+from fractal_jax.model import fractal
+from fractal_jax.sampling import mar_schedule, sampler
 
 # family -> num_iter; AR, MAR with a guiding pixel over 4 levels, and both mixes.
 EDIT_FAMILIES = {"ar_ar": (6, 4), "mar_guiding_4": (3, 2, 2), "ar_over_mar": (2, 4), "mar_over_ar": (4, 3)}

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 from test_cli import run_main
 
-from fractal_jax import edit_mode, model_config
+from fractal_jax.model import settings as model_config
+from fractal_jax.modes import edit as edit_mode
 
 
 def _write(path, array):

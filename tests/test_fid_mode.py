@@ -10,7 +10,8 @@ import tiny_models
 from test_cli import run_main
 from tiny_training import TINY_FLAGS, tiny_train_config
 
-from fractal_jax import checkpoint_io, model_config
+from fractal_jax.io import model_checkpoint as checkpoint_io
+from fractal_jax.model import settings as model_config
 
 EVAL = ("--config.eval.batch_size=20", "--config.eval.max_images=40", "--config.sample.batch_size=10")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from fractal_jax import image_metrics
+from fractal_jax.evaluation import image_metrics
 
 
 def _fid_by_scipy(a: np.ndarray, b: np.ndarray) -> float:

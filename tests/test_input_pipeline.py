@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fractal_jax import datasets, input_pipeline
-from fractal_jax.datasets import DataError
+from fractal_jax.data import pipeline as input_pipeline
+from fractal_jax.data import sources as datasets
+from fractal_jax.data.sources import DataError
 
 # --- helpers ------------------------------------------------------------------------------------------------------
 

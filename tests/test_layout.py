@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from fractal_jax import patches, rotary
+from fractal_jax.model import patches, rotary
 
 
 def test_rotary_table_hand_computed():

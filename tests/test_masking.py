@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from fractal_jax import masking
+from fractal_jax.model import masking
 
 
 def test_training_mask_ratio_distribution():

@@ -9,7 +9,7 @@ import optax
 import pytest
 import tiny_models
 
-from fractal_jax import blocks, fractal, pixel_head
+from fractal_jax.model import blocks, fractal, pixel_head
 
 BATCH = 3
 KEY = jax.random.key(0)

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import tiny_models
 
-from fractal_jax import fractal, nll
+from fractal_jax.evaluation import nll
+from fractal_jax.model import fractal
 
 
 def test_uniform_pixel_head_gives_exactly_8_bits_per_dim():

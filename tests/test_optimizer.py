@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import tiny_models
 
-from fractal_jax import optimizer, summary, torch_layout
+from fractal_jax.io import torch_layout
+from fractal_jax.modes import summary
+from fractal_jax.train import optimizer
 
 
 @pytest.mark.parametrize("family", ["mar_guiding_4", "ar_ar"])

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import tiny_models
 
-from fractal_jax import chunking, fractal, mar_schedule, patches, sampler
+from fractal_jax.model import fractal, patches
+from fractal_jax.sampling import chunking, mar_schedule, sampler
 
 
 def official_schedule(seq_len: int, num_iter: int) -> list[tuple[set, float]]:

@@ -9,7 +9,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-from fractal_jax import mesh
+from fractal_jax.parallel import mesh
 
 
 def test_resolve_shape():

@@ -1,4 +1,4 @@
-"""Official PyTorch state dict <-> our parameters (`fractal_jax.torch_layout`)."""
+"""Official PyTorch state dict <-> our parameters (`fractal_jax.io.torch_layout`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fractal_jax import fractal, model_config, torch_layout
-from fractal_jax.config_base import base_config
+from fractal_jax.config import base_config
+from fractal_jax.io import torch_layout
+from fractal_jax.model import fractal
+from fractal_jax.model import settings as model_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 

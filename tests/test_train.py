@@ -21,17 +21,14 @@ from PIL import Image
 from test_cli import run_main
 from tiny_training import TINY_FLAGS, tiny_train_config
 
-from fractal_jax import (
-  checkpoint_io,
-  fractal,
-  metrics_io,
-  model_config,
-  optimizer,
-  train_checkpoints,
-  train_step,
-  trainer,
-)
-from fractal_jax.config_base import load_config_file
+from fractal_jax.config import load_config_file
+from fractal_jax.io import model_checkpoint as checkpoint_io
+from fractal_jax.model import fractal
+from fractal_jax.model import settings as model_config
+from fractal_jax.train import metrics as metrics_io
+from fractal_jax.train import optimizer, trainer
+from fractal_jax.train import state_checkpoint as train_checkpoints
+from fractal_jax.train import step as train_step
 
 
 def losses(workdir: pathlib.Path) -> dict[int, float]:

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 import tiny_models
 
-from fractal_jax import fractal, model_config, optimizer, train_step
+from fractal_jax.model import fractal
+from fractal_jax.model import settings as model_config
+from fractal_jax.train import optimizer
+from fractal_jax.train import step as train_step
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from conftest import ROOT
 
-from fractal_jax.config_base import load_config_file
+from fractal_jax.config import load_config_file
 
 # A two-level model (8x8 digits: a MAR level over pixels, the pixel head) on the built-in digits, batch 8.
 # Every run shares one schedule (1000 steps) and stops early with `stop_at_step`, so that all runs compile

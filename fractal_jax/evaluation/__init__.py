@@ -1,0 +1,1 @@
+"""Evaluation: held-out NLL, Inception features and image metrics, the digits classifier."""

@@ -1,0 +1,1 @@
+"""Files: fractal-jax checkpoints, the official PyTorch layout and pickles, image files."""

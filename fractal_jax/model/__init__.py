@@ -1,0 +1,1 @@
+"""The Flax model: level transformers composed recursively, and the official loss."""

@@ -1,0 +1,1 @@
+"""Device meshes, parameter shardings and multi-host start-up."""

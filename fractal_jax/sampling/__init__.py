@@ -1,0 +1,1 @@
+"""Compiled samplers: the whole recursive generation as one jitted program."""
