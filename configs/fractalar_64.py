@@ -1,22 +1,9 @@
-"""FractalAR, ImageNet 64x64 (official `fractalar_in64`): 442,068,224 parameters."""
+"""FractalAR, ImageNet 64x64 (official `fractalar_in64`): `configs/fractal_64.py:ar` under the name users know."""
 
-from fractal_jax.config import base_config
+import pathlib
+
+from fractal_jax.config import load_config_file
 
 
 def get_config():
-  config = base_config()
-  config.model.img_size_list = (64, 4, 1)
-  config.model.widths = (1024, 512, 128)
-  config.model.depths = (32, 8, 3)
-  config.model.heads = (16, 8, 4)
-  config.model.types = ("ar", "ar", "pixel")
-  config.model.num_conds = 1
-  # Training as the official recipe: ImageNet 64x64 (ImageFolder, ADM center crop, random flip),
-  # global batch 2048, lr 5e-5 * 2048 / 256, 800 epochs with 40 of warm-up.
-  config.train.global_batch = 2048
-  config.data.name = "imagefolder"  # --config.data.root=/path/to/imagenet (train/ and val/ inside)
-  # Sampling as the paper's FID runs.
-  config.sample.num_iter = (64, 16)
-  config.sample.cfg = 11.0
-  config.sample.temperature = 1.03
-  return config
+  return load_config_file(f"{pathlib.Path(__file__).with_name('fractal_64.py')}:ar")

@@ -113,17 +113,17 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """Loads `get_config()` of a config file, as `--config=<path>` does."""
+  """`get_config()` of a config file, as `--config=<path>` does; `<file>.py:<arg>` calls `get_config(<arg>)`."""
   import importlib.util
-  import pathlib
 
-  file = pathlib.Path(path)
+  name, _, arg = str(path).partition(":")
+  file = pathlib.Path(name)
   if not file.is_file():
-    raise FileNotFoundError(f"config file {path!r} not found; the configs live in configs/ (e.g. configs/tiny.py).")
+    raise FileNotFoundError(f"config file {name!r} not found; the configs live in configs/ (e.g. configs/tiny.py).")
   spec = importlib.util.spec_from_file_location(f"fractal_config_{file.stem}", file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module.get_config(arg) if arg else module.get_config()
 
 
 def config_path_from_argv(argv: list[str]) -> str | None:

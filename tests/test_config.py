@@ -68,3 +68,22 @@ def test_mar_with_several_conditions_below_ar_is_rejected():
 def test_missing_config_file():
   with pytest.raises(FileNotFoundError, match="configs/tiny.py"):
     load_config_file("configs/no_such_model.py")
+
+
+@pytest.mark.parametrize(
+  "thin, shared",
+  [
+    ("fractalar_64", "fractal_64.py:ar"),
+    ("fractalmar_64", "fractal_64.py:mar"),
+    ("fractalmar_base_256", "fractalmar_256.py:base"),
+    ("fractalmar_large_256", "fractalmar_256.py:large"),
+    ("fractalmar_huge_256", "fractalmar_256.py:huge"),
+  ],
+)
+def test_thin_config_files_equal_their_shared_definition(thin, shared):
+  assert load_config_file(str(ROOT / "configs" / f"{thin}.py")) == load_config_file(str(ROOT / "configs" / shared))
+
+
+def test_unknown_size_of_a_shared_definition_is_named():
+  with pytest.raises(ValueError, match="use one of base, large, huge"):
+    load_config_file(str(ROOT / "configs" / "fractalmar_256.py:giant"))
