@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
+import scipy.special
 
 from fractal_jax.evaluation import image_metrics
 
@@ -43,8 +44,45 @@ def test_inception_score_of_confident_even_spread_over_k_classes_is_k(k):
   labels = np.arange(100 * k) % k
   logits = np.full((labels.size, 1008), -1e4)
   logits[np.arange(labels.size), labels] = 0.0
-  mean, _ = image_metrics.inception_score(logits, splits=10)
+  mean, _ = image_metrics.inception_score(logits, splits=10, shuffle=False)  # every split holds k classes evenly
   assert mean == pytest.approx(k, rel=1e-6)
+
+
+def _torch_fidelity_isc(logits: np.ndarray, splits: int = 10, seed: int = 2020) -> tuple[float, float]:
+  """torch-fidelity's `isc_features_to_metric` procedure, written independently (scipy, one row at a time)."""
+  count = len(logits)
+  shuffled = np.asarray(logits, np.float64)[np.random.RandomState(seed).permutation(count)]
+  scores = []
+  for k in range(splits):
+    part = shuffled[k * count // splits : (k + 1) * count // splits]
+    log_p = scipy.special.log_softmax(part, axis=1)
+    log_q = np.log(np.exp(log_p).mean(axis=0))
+    kls = [float(np.dot(np.exp(row), row - log_q)) for row in log_p]
+    scores.append(np.exp(np.mean(kls)))
+  return float(np.mean(scores)), float(np.std(scores))
+
+
+@pytest.mark.parametrize("count", [1000, 1003])  # 1003: splits of unequal size, cut at k * N // 10
+@pytest.mark.parametrize("class_sorted", [False, True])
+def test_inception_score_follows_torch_fidelity(count, class_sorted):
+  rng = np.random.default_rng(7)
+  logits = rng.normal(scale=4.0, size=(count, 37))
+  if class_sorted:  # as --mode=fid generates them: class by class
+    logits = logits[np.argsort(logits.argmax(axis=1), kind="stable")]
+  mean, std = image_metrics.inception_score(logits)
+  expected_mean, expected_std = _torch_fidelity_isc(logits)
+  assert mean == pytest.approx(expected_mean, rel=1e-10) and std == pytest.approx(expected_std, rel=1e-8)
+
+
+def test_class_sorted_samples_are_shuffled_before_splitting():
+  # 5 confident samples of each of 1000 classes, class by class: unshuffled, each split sees only 100 classes.
+  labels = np.repeat(np.arange(1000), 5)
+  logits = np.full((labels.size, 1008), -50.0)
+  logits[np.arange(labels.size), labels] = 50.0
+  unshuffled, _ = image_metrics.inception_score(logits, shuffle=False)
+  shuffled, _ = image_metrics.inception_score(logits)
+  assert unshuffled == pytest.approx(100.0, rel=1e-6)
+  assert shuffled == pytest.approx(_torch_fidelity_isc(logits)[0], rel=1e-10) and shuffled > 350.0
 
 
 def test_precision_recall_of_identical_sets_is_one():

@@ -4,8 +4,9 @@ Pure NumPy/SciPy on host arrays (features come from `fractal_jax.evaluation.ince
 or any other extractor):
   * `frechet_distance` / `feature_statistics`: FID's formula, as pytorch-fid
     and the ADM evaluator (float64, unbiased covariance; traces from symmetric eigendecompositions);
-  * `inception_score`: exp(E_x KL(p(y|x) || p(y))) over `splits` equal
-    splits (mean and standard deviation), from the Inception logits;
+  * `inception_score`: exp(E_x KL(p(y|x) || p(y))) over 10 splits of the
+    shuffled samples (mean and standard deviation), as torch-fidelity, which
+    the official evaluation uses;
   * `precision_recall`: the k-NN manifold estimate of Kynkaanniemi et al.
     as the ADM evaluator computes it (k = 3; a sample is "in" a manifold
     when it lies within the k-th-neighbour radius of some point of it);
@@ -85,19 +86,42 @@ def frechet_distance_to_features(features: np.ndarray, mu: np.ndarray, sigma: np
   return float(diff @ diff + trace_features + np.trace(sigma) - 2.0 * trace_covmean)
 
 
-def inception_score(logits: np.ndarray, splits: int = 10) -> tuple[float, float]:
-  """Inception Score (mean, std over `splits`) of float [N, C] logits; N must be a multiple of `splits`."""
+def inception_score(
+  logits: np.ndarray, splits: int = 10, shuffle: bool = True, seed: int = 2020
+) -> tuple[float, float]:
+  """Inception Score (mean, std over `splits`) of float [N, C] logits, as torch-fidelity computes it.
+
+  The official evaluation uses torch-fidelity (`isc_features_to_metric`):
+  the rows are first permuted with `np.random.RandomState(seed)` (so that
+  every split sees every class even when samples come class by class), then
+  in float64 `p = softmax`, `log p = log_softmax`, and split k (rows
+  `[k*N//splits, (k+1)*N//splits)`) scores `exp(mean_x sum_y p (log p - log mean_x p))`.
+  The std is NumPy's population std of the split scores. Probabilities that
+  underflow to 0 contribute 0 (torch-fidelity would give NaN there).
+
+  Args:
+    logits: float [N, C], N >= splits: the Inception logits (torch-fidelity's
+      `logits_unbiased`: without the fc bias).
+    splits: number of splits.
+    shuffle, seed: torch-fidelity's `samples_shuffle` and `rng_seed`.
+  """
   logits = np.asarray(logits, np.float64)
-  if logits.ndim != 2 or logits.shape[0] < splits or logits.shape[0] % splits:
-    raise ValueError(f"logits must be [N, C] with N a positive multiple of splits={splits}, got {logits.shape}")
-  logits = logits - logits.max(axis=1, keepdims=True)
-  probs = np.exp(logits)
-  probs /= probs.sum(axis=1, keepdims=True)
+  if logits.ndim != 2 or logits.shape[0] < splits:
+    raise ValueError(f"logits must be [N, C] with N >= splits={splits}, got {logits.shape}")
+  count = logits.shape[0]
+  if shuffle:
+    logits = logits[np.random.RandomState(seed).permutation(count)]
+  log_probs = logits - logits.max(axis=1, keepdims=True)
+  log_probs = log_probs - np.log(np.exp(log_probs).sum(axis=1, keepdims=True))
+  probs = np.exp(log_probs)
   scores = []
-  for part in np.split(probs, splits):
-    marginal = part.mean(axis=0, keepdims=True)
-    kl = np.sum(part * (np.log(np.maximum(part, 1e-30)) - np.log(np.maximum(marginal, 1e-30))), axis=1)
-    scores.append(np.exp(kl.mean()))
+  for k in range(splits):
+    rows = slice(k * count // splits, (k + 1) * count // splits)
+    marginal = probs[rows].mean(axis=0, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):  # p = 0 (underflow) contributes 0, not 0 * inf
+      terms = np.where(probs[rows] > 0, probs[rows] * (log_probs[rows] - np.log(marginal)), 0.0)
+    kl = terms.sum(axis=1)
+    scores.append(float(np.exp(kl.mean())))
   return float(np.mean(scores)), float(np.std(scores))
 
 
