@@ -7,6 +7,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import tiny_models
 
 from fractal_jax.evaluation import nll
@@ -60,3 +61,26 @@ def test_multi_pass_estimate_is_unbiased_on_a_2x2_image():
   estimate = float(estimate["pixel_loss"][0])
   assert spread > 0.01  # the mask matters, so the test has teeth
   assert abs(estimate - exact) < 4 * spread / np.sqrt(passes), (estimate, exact, spread)
+
+
+def test_official_bits_per_dim_of_a_guiding_pixel_model_is_image_plus_guides():
+  """The official figure (compute_nll: the whole loss / ln 2) = the image's bits/dim + every guiding pixel's bits."""
+  from fractal_jax.parallel import mesh as mesh_lib
+
+  s = tiny_models.settings("mar_guiding_4")
+  params = tiny_models.init_params(s)
+  images = np.random.default_rng(2).integers(0, 256, (4, s.img_size, s.img_size, 3)).astype(np.uint8)
+  batches = [{"image": images, "label": np.zeros(4, np.int32), "mask": np.ones(4, np.float32)}]
+  figures = nll.evaluate(s, params, batches, mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1]), jax.random.key(3))
+  guides = [value for name, value in figures.items() if name.startswith("guide_bits_")]
+  assert len(guides) == 2 and min(guides) > 0  # levels 1 and 2 have a guiding pixel
+  assert figures["bits_per_dim"] == pytest.approx(figures["image_bits_per_dim"] + sum(guides), rel=1e-5)
+  assert figures["bits_per_dim_stderr"] > 0 and figures["image_bits_per_dim_stderr"] > 0
+
+
+def test_bits_per_dim_of_a_model_without_guiding_pixels_is_the_image_alone():
+  s = tiny_models.settings("mar_mar")
+  params = tiny_models.init_params(s)
+  images = jnp.asarray(np.random.default_rng(4).integers(0, 256, (2, s.img_size, s.img_size, 3)), jnp.uint8)
+  out = nll.per_image_losses(fractal.build(s), params, images, jax.random.key(5), jnp.arange(2))
+  np.testing.assert_array_equal(out["bits_per_dim"], out["image_bits_per_dim"])

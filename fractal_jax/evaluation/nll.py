@@ -7,8 +7,13 @@ official code draws one m per batch; here every image is its own batch of
 one (a `vmap`), so every image draws its own m: the same expectation, and
 each image's figure is independent of its batch-mates (padding is exact).
 
-bits/dim = (pixel loss in nats per channel value) / ln 2. Guiding-pixel
-losses are reported apart, not in the image bits/dim.
+Two figures, equal for models without a guiding pixel (all 64x64 ones):
+* `bits_per_dim`, the official figure: the model's whole loss (the pixel
+  loss plus every level's guiding-pixel loss, nats) / ln 2, what the
+  official `compute_nll` prints and the paper reports;
+* `image_bits_per_dim`: the pixel loss alone / ln 2, the bits per channel
+  value of the image itself. The guiding-pixel losses are also reported
+  one by one (`guide_bits_<level>`).
 """
 
 from __future__ import annotations
@@ -42,18 +47,21 @@ def per_image_losses(
     image_ids: int [B] global indices of the images.
 
   Returns:
-    `pixel_loss` [B] (nats per channel value), `bits_per_dim` [B] and
-    `guide_loss_<level>` [B] for levels with a guiding pixel; float32.
+    `loss` [B] (the model's whole loss, nats), `pixel_loss` [B] (nats per
+    channel value), `bits_per_dim` [B] (official: loss / ln 2),
+    `image_bits_per_dim` [B] (pixel_loss / ln 2) and `guide_loss_<level>` [B]
+    for levels with a guiding pixel; float32.
   """
   labels = jnp.zeros((1,), jnp.int32)  # ignored: the evaluation is unconditional
 
   def one(image: jax.Array, image_id: jax.Array) -> dict[str, jax.Array]:
     rngs = fractal.make_rngs(jax.random.fold_in(key, image_id))
     _, aux = model.apply({"params": params}, train_step.normalize(image[None]), labels, train=False, rngs=rngs)
-    return {k: v for k, v in aux.items() if k in ("pixel_loss",) or k.startswith("guide_loss_")}
+    return {k: v for k, v in aux.items() if k in ("loss", "pixel_loss") or k.startswith("guide_loss_")}
 
   out = jax.vmap(one)(images, image_ids)
-  out["bits_per_dim"] = out["pixel_loss"] / LN2
+  out["bits_per_dim"] = out["loss"] / LN2
+  out["image_bits_per_dim"] = out["pixel_loss"] / LN2
   return out
 
 
@@ -90,15 +98,18 @@ def evaluate(
 
   Each image's loss is the mean over `passes` evaluation masks (MAR levels;
   AR-only models are deterministic and need one), its key
-  `fold_in(fold_in(key, pass), image id)`. Returns `bits_per_dim`, its
-  standard error over images `bits_per_dim_stderr`, `num_images`, and
-  `guide_bits_<level>` (bits per channel value of the guiding pixels),
-  float scalars, equal on every host.
+  `fold_in(fold_in(key, pass), image id)`. Returns float scalars, equal on
+  every host: `bits_per_dim` (official, module docstring) and
+  `image_bits_per_dim`, each with its standard error over images
+  (`<name>_stderr`), `num_images`, and `guide_bits_<level>` (bits per
+  channel value of each level's guiding pixels).
   """
   sharding = NamedSharding(mesh, mesh_lib.batch_spec())
   run = _per_image_mean(settings, passes)
+  figures = ("bits_per_dim", "image_bits_per_dim")
   sums: dict[str, float] = {}
-  squares, count, first_id = 0.0, 0, 0
+  squares = dict.fromkeys(figures, 0.0)
+  count, first_id = 0, 0
   batches = tqdm(batches, desc="nll batches", unit="batch", disable=not progress or jax.process_index() != 0)
   for batch in batches:
     local = batch["image"].shape[0]
@@ -109,15 +120,19 @@ def evaluate(
     out = run(params, put(batch["image"]), put(ids), key)
     for name, values in out.items():
       sums[name] = sums.get(name, 0.0) + float(jnp.sum(values * mask))
-    squares += float(jnp.sum(out["bits_per_dim"] ** 2 * mask))
+    for name in figures:
+      squares[name] += float(jnp.sum(out[name] ** 2 * mask))
     count += int(jnp.sum(mask))
     if max_images and count >= max_images:
       break
   if count == 0:
     raise ValueError("no held-out images to evaluate")
-  mean = sums["bits_per_dim"] / count
-  variance = max(squares / count - mean * mean, 0.0)
-  result = {"bits_per_dim": mean, "bits_per_dim_stderr": math.sqrt(variance / max(count - 1, 1))}
+  result = {}
+  for name in figures:
+    mean = sums[name] / count
+    variance = max(squares[name] / count - mean * mean, 0.0)
+    result[name] = mean
+    result[f"{name}_stderr"] = math.sqrt(variance / max(count - 1, 1))
   result["num_images"] = float(count)
   for name, total in sums.items():
     if name.startswith("guide_loss_"):
