@@ -345,18 +345,8 @@ def test_tpu_queued_resource_dry_run():
     "--format=value(state.state)",
   ]
   # The same network options for a TPU VM created directly.
-  (create,) = _commands(
-    _ok(
-      TPU,
-      "create",
-      *TPU_BASE,
-      "--accelerator=v4-8",
-      "--network=vpc",
-      "--subnetwork=sub",
-      "--service_account=sa@p1.iam.gserviceaccount.com",
-      "--dry_run",
-    ).stdout
-  )
+  direct = ["create", *TPU_BASE, "--accelerator=v4-8", "--network=vpc", "--subnetwork=sub", sa, "--dry_run"]
+  (create,) = _commands(_ok(TPU, *direct).stdout)
   assert create[:6] == "gcloud compute tpus tpu-vm create fjax".split()
   assert create[-3:] == ["--network=vpc", "--subnetwork=sub", "--service-account=sa@p1.iam.gserviceaccount.com"]
 
