@@ -173,7 +173,7 @@ Brings a run back after its slice was preempted or deleted. A preempted Spot or
 preemptible TPU VM stays PREEMPTED (a queued resource: SUSPENDED) until it is deleted:
 it cannot be restarted, only deleted and created again, with new disks. So:
   1. looks at the queued resource and the TPU VM called NAME (gcloud ... describe);
-  2. a TPU VM that is READY (and its queued resource ACTIVE): goes to step 6;
+  2. a TPU VM that is READY (and its queued resource ACTIVE): goes to step 7;
      a queued resource still waiting (ACCEPTED, WAITING_FOR_RESOURCES, PROVISIONING): goes to step 5;
   3. otherwise deletes what is left (queued-resources delete --force, which deletes its TPU
      too, or tpu-vm delete),

@@ -85,7 +85,7 @@ def test_stored_outputs_are_the_demos():
   text = _text(notebook)
   assert "nothing installed" in text and "Traceback" not in text
   assert "--config.train.num_steps=3" not in text, "stored from a FAST run: run it fully (see the README)"
-  assert "bits/dim" in text and "regenerating 16 of 64 pixels" in text
+  assert "final evaluation: bits_per_dim" in text and "regenerating 16 of 64 pixels" in text
   pictures = _pictures(notebook)
   assert len(pictures) >= 3 and len(_pictures(notebook, "image/gif")) == 1
   for picture in pictures:
