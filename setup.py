@@ -2,12 +2,19 @@
 
 from setuptools import find_packages, setup
 
+# The repository's URL has its one home here. launch/tpu_vm.sh reads it (`install`'s default --repo);
+# notebooks/demo.ipynb (its "Open in Colab" badge and REPO_URL default) and the docs' badge hold copies
+# that `python launch/set_repo_url.py` writes and tests/test_notebook.py checks. The project's public URL is
+# not known yet: replace YOUR_GITHUB_USER in this line, then run `python launch/set_repo_url.py`.
+REPO_URL = "https://github.com/YOUR_GITHUB_USER/fractal-jax"
+
 setup(
   name="fractal-jax",
   version="0.1.0",
   description="Fractal Generative Models (Li, Sun, Fan, He, 2025) in JAX/Flax: pixel-by-pixel image generation.",
   long_description=open("README.md", encoding="utf-8").read(),
   long_description_content_type="text/markdown",
+  url=REPO_URL,
   license="MIT",
   packages=find_packages(include=["fractal_jax", "fractal_jax.*"]),
   python_requires=">=3.11",

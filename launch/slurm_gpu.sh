@@ -14,9 +14,14 @@ Writes an sbatch script that trains fractal-jax on --nodes nodes of --gpus_per_n
 GPUs: one process per node (srun, --ntasks-per-node=1), each driving all of its
 node's GPUs, all of them running
   python -m fractal_jax.main --config=CONFIG --workdir=WORKDIR FLAGS...
-FLAGS after '--' pass through unchanged, e.g. -- --config.train.batch_size=1024.
+FLAGS after '--' pass through unchanged, e.g. -- --config.train.global_batch=1024
+(every field of config.train, config.model, ... is listed in fractal_jax/config.py, base_config()).
 With --submit it also runs 'sbatch SCRIPT'; with --dry_run it prints the script and
 the sbatch command and writes nothing.
+
+Example:
+  $PROG --nodes=4 --gpus_per_node=8 --partition=gpu --time=24:00:00 --config=configs/fractalmar_64.py \
+      --workdir=/shared/runs/fractalmar_64 --submit -- --config.data.root=/shared/imagenet --config.train.global_batch=1024
 
 Multi-host start-up (nodes > 1): the script exports, explicitly,
   JAX_COORDINATOR_ADDRESS  the job's first node (scontrol show hostnames \$SLURM_JOB_NODELIST) and --port
@@ -35,7 +40,8 @@ by all processes together): for nodes > 1 an obviously node-local path is refuse
 (/tmp, /var/tmp, /dev/shm, /run, /local, /localscratch, /scratch/local, \$TMPDIR).
 
 Options (--opt=VALUE or --opt VALUE; dashes and underscores are the same):
-  --config=CONFIG        config file, relative to the checkout, e.g. configs/fractalmar_64.py (required)
+  --config=CONFIG        config file, relative to the checkout, e.g. configs/fractalmar_64.py (required;
+                         it must exist: the job runs in this checkout)
   --workdir=WORKDIR      checkpoints and metrics on a shared filesystem (or gs://...) (required)
   --nodes=N              nodes (default: 1)
   --gpus_per_node=G      GPUs per node (default: 8)
@@ -47,6 +53,7 @@ Options (--opt=VALUE or --opt VALUE; dashes and underscores are the same):
   --port=PORT            coordinator port on the first node (default: 20000 + job id % 20000)
   --term_before=SECONDS  SIGTERM the processes this long before the time limit, so that they
                          checkpoint the current step (default: 120; 0: no such signal)
+  --no_requeue           do not mark the job requeueable (default: #SBATCH --requeue, see below)
   --venv=DIR             virtual environment to activate (default: $REPO_ROOT/.venv; '' for none)
   --setup=COMMAND        a shell line run before training, e.g. --setup='module load cuda/12.4'
                          (repeatable)
@@ -57,7 +64,13 @@ Options (--opt=VALUE or --opt VALUE; dashes and underscores are the same):
   --dry_run              print the script and the sbatch command; write and submit nothing
   -h, --help             this help
 
-A rerun (resubmission) with the same workdir resumes from its newest checkpoint.
+Preemption and restarts: the job is marked '#SBATCH --requeue' (and '--open-mode=append', so the
+log keeps what came before): when SLURM preempts it (with a site's PreemptMode=REQUEUE) or a node
+fails, SLURM puts it back in the queue and later runs the same script again, with the same
+workdir: fractal_jax.main resumes from the newest checkpoint there. Preemption sends SIGTERM first
+(the processes checkpoint the current step; the grace period is the site's), and so does the
+time limit, --term_before seconds ahead; a job that reached its time limit is not requeued:
+submit the same script again (sbatch SCRIPT) and it resumes the same way.
 
 Not tested on a SLURM cluster: it was written without access to one and is tested
 by --dry_run and by running the generated script with stand-in scontrol/srun
@@ -70,8 +83,6 @@ usage_error() {
   echo "Run '$PROG --help' for usage." >&2
   exit 2
 }
-
-warn() { echo "$PROG: warning: $*" >&2; }
 
 # One word, quoted for a POSIX shell only where needed; --opt=VALUE keeps --opt= outside the quotes.
 q() {
@@ -106,7 +117,7 @@ node_local() {
 opt_config="" opt_workdir="" opt_nodes=1 opt_gpus_per_node=8 opt_cpus_per_task=16 opt_time=24:00:00
 opt_partition="" opt_job_name=fractal-jax opt_output="slurm-%x-%j.out" opt_port=auto opt_term_before=120
 opt_venv="$REPO_ROOT/.venv" opt_script=""
-opt_submit=0 opt_dry_run=0
+opt_submit=0 opt_dry_run=0 opt_no_requeue=0
 setup=() sbatch_extra=() passthrough=()
 
 while (($#)); do
@@ -126,7 +137,7 @@ while (($#)); do
       key=${key%%=*}
       key=${key//-/_}
       case $key in
-        submit | dry_run)
+        submit | dry_run | no_requeue)
           [[ $arg != *=* ]] || usage_error "--$key takes no value"
           printf -v "opt_$key" '%s' 1
           ;;
@@ -173,10 +184,12 @@ done
 if ((opt_nodes > 1)) && node_local "$opt_workdir"; then
   usage_error "--workdir=$opt_workdir is node-local: with --nodes=$opt_nodes every node writes one checkpoint, so it must be on a shared filesystem (or gs://...)"
 fi
+# The job runs in this checkout (#SBATCH --chdir): a config that is not here would end it at start-up.
 config_file=${opt_config%%:*}
-if [[ $config_file != /* && ! -f $REPO_ROOT/$config_file ]]; then
-  warn "--config=$opt_config: no $config_file in $REPO_ROOT"
-fi
+config_path=$config_file
+if [[ $config_file != /* ]]; then config_path=$REPO_ROOT/$config_file; fi
+[[ -f $config_path ]] ||
+  usage_error "--config=$opt_config: no file $config_path (the job runs in $REPO_ROOT; configs/ holds e.g. configs/fractalmar_64.py)"
 script_path=${opt_script:-$opt_job_name.sbatch}
 main=(python -m fractal_jax.main --config="$opt_config" --workdir="$opt_workdir" "${passthrough[@]}")
 
@@ -193,8 +206,16 @@ generate() {
   echo "#SBATCH --output=$opt_output"
   echo "#SBATCH --chdir=$REPO_ROOT"
   if ((opt_term_before > 0)); then echo "#SBATCH --signal=TERM@$opt_term_before"; fi
+  if ((!opt_no_requeue)); then
+    echo "#SBATCH --requeue"
+    echo "#SBATCH --open-mode=append"
+  fi
   for extra in "${sbatch_extra[@]}"; do echo "#SBATCH $extra"; done
   echo "set -euo pipefail"
+  # shellcheck disable=SC2016  # expanded when the job runs
+  echo 'echo "fractal-jax: job ${SLURM_JOB_ID:-} start $((${SLURM_RESTART_COUNT:-0} + 1)) on $(hostname) at $(date -u +%Y-%m-%dT%H:%M:%SZ)"'
+  echo "# A requeued or resubmitted job runs this script again and resumes from the newest checkpoint of"
+  echo "# $(q "$opt_workdir")."
   for line in "${setup[@]}"; do echo "$line"; done
   if [[ -n $opt_venv ]]; then
     echo "# shellcheck disable=SC1091"

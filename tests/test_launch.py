@@ -1,15 +1,21 @@
-"""launch/tpu_vm.sh and launch/slurm_gpu.sh: dry runs, stand-in gcloud/sbatch/srun, shellcheck.
+"""launch/tpu_vm.sh and launch/slurm_gpu.sh: dry runs, stand-in gcloud/sbatch/srun, shellcheck, their examples.
 
 Nothing here reaches a cloud or a cluster: the commands are checked as printed
-(`--dry_run`, read back with shlex), as handed to stand-in executables on PATH,
+(`--dry_run`, read back with shlex), as handed to stand-in executables on PATH
+(a stand-in gcloud also answers `describe` with the states a test gives it),
 and the scripts that would run on the TPU workers and SLURM nodes are run here
-with stand-in curl/scontrol/srun/python.
+with stand-in curl/scontrol/srun/python. Every example command line of the
+scripts' help texts, of the README and of docs/cloud_tpu.md runs in --dry_run
+mode, and every `--config.<a>.<b>` override in them is a field of the config
+it names; the dry-run output pasted into docs/cloud_tpu.md is what the scripts
+print now.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -20,9 +26,20 @@ import time
 import pytest
 from conftest import ROOT
 
+from fractal_jax.config import base_config, load_config_file
+
 TPU = str(ROOT / "launch" / "tpu_vm.sh")
 SLURM = str(ROOT / "launch" / "slurm_gpu.sh")
 TPU_BASE = ["--name=fjax", "--zone=us-central2-b"]
+TPU_SUBCOMMANDS = ("create", "install", "train", "resume", "logs", "status", "list", "stop", "delete")
+RESUME = [
+  "resume",
+  *TPU_BASE,
+  "--accelerator=v5litepod-16",
+  "--repo=https://example.org/fj.git",
+  "--config=configs/fractalmar_64.py",
+  "--workdir=gs://b/run",
+]
 
 
 _GUARD_BIN = None  # gcloud and sbatch that fail loudly, ahead of any real ones on PATH
@@ -80,6 +97,28 @@ with open(os.environ["STUB_LOG"], "a") as f:
 """
 
 
+# A stand-in gcloud: records like _RECORDER; `gcloud compute tpus KIND describe ...` answers the next state of
+# KIND from the JSON file $STUB_STATES ({"queued-resources": [...], "tpu-vm": [...]}; the last one repeats):
+# ABSENT is gcloud's NOT_FOUND error, DENIED another error.
+_GCLOUD = (
+  _RECORDER
+  + """
+if sys.argv[1:3] == ["compute", "tpus"] and sys.argv[4] == "describe" and os.environ.get("STUB_STATES"):
+  with open(os.environ["STUB_STATES"]) as f:
+    states = json.load(f)
+  queue = states[sys.argv[3]]
+  state = queue.pop(0) if len(queue) > 1 else queue[0]
+  with open(os.environ["STUB_STATES"], "w") as f:
+    json.dump(states, f)
+  if state == "ABSENT":
+    sys.exit("ERROR: (gcloud.compute.tpus." + sys.argv[3] + ".describe) NOT_FOUND: Resource 'fjax' was not found")
+  if state == "DENIED":
+    sys.exit("ERROR: (gcloud.compute.tpus." + sys.argv[3] + ".describe) PERMISSION_DENIED: Permission denied")
+  print(state)
+"""
+)
+
+
 def _records(log):
   return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
 
@@ -88,8 +127,8 @@ def _records(log):
 def stubs(tmp_path):
   """A bin/ of stand-ins for gcloud and sbatch (they only record their arguments) and the log they write."""
   bin_dir = tmp_path / "bin"
-  for name in ("gcloud", "sbatch"):
-    _write_exe(bin_dir / name, _RECORDER)
+  _write_exe(bin_dir / "gcloud", _GCLOUD)
+  _write_exe(bin_dir / "sbatch", _RECORDER)
   log = tmp_path / "stub_log.jsonl"
   return bin_dir, log
 
@@ -123,14 +162,16 @@ def test_shellcheck_passes_on_both_scripts(tmp_path):
     ["--help"],
     ["-h"],
     ["help"],
-    *([sub, "--help"] for sub in ("create", "install", "train", "logs", "stop", "delete")),
+    *([sub, "--help"] for sub in TPU_SUBCOMMANDS),
   ],
 )
 def test_tpu_help(args):
   result = _ok(TPU, *args)
   assert result.stdout.startswith("Usage:") and "without cloud access" in result.stdout
   if len(args) == 2:
-    assert f"{args[0]} --name=NAME" in result.stdout
+    assert f"{args[0]} --{'zone=ZONE' if args[0] == 'list' else 'name=NAME'}" in result.stdout
+  else:
+    assert all(f"\n  {sub} " in result.stdout for sub in TPU_SUBCOMMANDS)
 
 
 def test_slurm_help():
@@ -154,11 +195,26 @@ def test_slurm_help():
     (["train", *TPU_BASE, "--workdir=gs://b/r", "--dry_run"], "--config is required"),
     (["train", *TPU_BASE, "--config=configs/tiny.py", "--dry_run"], "--workdir is required"),
     (["logs", *TPU_BASE, "--worker=all", "--dry_run"], "--worker must be"),
-    (["logs", *TPU_BASE, "--dry_run", "--", "--x=1"], "for 'train' only"),
+    (["logs", *TPU_BASE, "--dry_run", "--", "--x=1"], "for 'train' and 'resume' only"),
     (["launch", *TPU_BASE], "unknown subcommand"),
     (["create", *TPU_BASE, "--acelerator=v4-8"], "unknown option: --acelerator"),
     (["create", *TPU_BASE, "--accelerator"], "--accelerator needs a value"),
     (["create", "--name=My_TPU", "--zone=z", "--accelerator=v4-8"], "--name=My_TPU"),
+    (["create", *TPU_BASE, "--accelerator=v5p-8", "--queued", "--preemptible"], "not offered for queued"),
+    (["create", *TPU_BASE, "--accelerator=v5p-8", "--valid_until_duration=6h"], "add --queued"),
+    (["create", *TPU_BASE, "--accelerator=v5p-8", "--queued", "--valid_until_duration=soon"], "such as 6h"),
+    (["create", *TPU_BASE, "--accelerator=v5p-8", "--wait"], "--wait is for queued"),
+    (["train", *TPU_BASE, "--config=configs/tiny.py", "--workdir=gs://b/r", "--queued", "--wait"], "--wait is for"),
+    (["create", *TPU_BASE, "--accelerator=v5p-8", "--service_account=trainer"], "an e-mail address"),
+    (["create", *TPU_BASE, "--accelerator=v5p-8", "--network=my net"], "without spaces"),
+    (["create", *TPU_BASE, "--accelerator=v5p-8", "--poll_seconds=0"], "--poll_seconds must be"),
+    (["create", *TPU_BASE, "--accelerator=v5p-8", "--queued=yes"], "--queued takes no value"),
+    ([*RESUME[:-1], "--workdir=runs/x", "--dry_run"], "only a gs:// workdir"),
+    ([*RESUME[:3], *RESUME[4:], "--dry_run"], "--accelerator is required"),
+    ([*RESUME[:-1], "--dry_run"], "--workdir is required"),
+    ([*RESUME[:4], *RESUME[5:]], "placeholder"),  # the default --repo, not a dry run
+    (["status", "--zone=z", "--dry_run"], "--name is required"),
+    (["list", "--dry_run"], "--zone is required"),
   ],
 )
 def test_tpu_errors_exit_2(args, message, stubs):
@@ -181,6 +237,10 @@ def test_tpu_errors_exit_2(args, message, stubs):
     (["--config=configs/tiny.py", "--workdir=/shared/run", "--sbatch=account=x", "--dry_run"], "--sbatch=account=x"),
     (["--config=configs/tiny.py", "--workdir=/shared/run", "--bogus", "--dry_run"], "unknown option: --bogus"),
     (["--config=configs/tiny.py", "--workdir=/shared/run", "stray", "--dry_run"], "unexpected argument: stray"),
+    (["--config=configs/tiny_typo.py", "--workdir=/shared/run", "--dry_run"], "no file"),
+    (["--config=configs/tiny_typo.py", "--workdir=/shared/run", "--submit"], "configs/tiny_typo.py"),
+    (["--config=/nowhere/c.py:x", "--workdir=/shared/run", "--dry_run"], "no file /nowhere/c.py"),
+    (["--config=configs/tiny.py", "--workdir=/shared/run", "--no_requeue=1", "--dry_run"], "takes no value"),
   ],
 )
 def test_slurm_errors_exit_2(args, message, stubs, tmp_path):
@@ -240,6 +300,64 @@ def test_tpu_single_host_dry_run():
   (delete,) = _commands(_ok(TPU, "delete", *TPU_BASE, "--yes", "--dry-run").stdout)
   assert delete[-1] == "--quiet"
 
+  assert _commands(_ok(TPU, "status", *TPU_BASE, "--dry_run").stdout) == [
+    [
+      *"gcloud compute tpus queued-resources describe fjax".split(),
+      "--zone=us-central2-b",
+      "--format=value(state.state)",
+    ],
+    [*"gcloud compute tpus tpu-vm describe fjax".split(), "--zone=us-central2-b", "--format=value(state)"],
+  ]
+  assert _commands(_ok(TPU, "list", "--zone=us-central2-b", "--project=p1", "--dry_run").stdout) == [
+    [*"gcloud compute tpus tpu-vm list".split(), "--zone=us-central2-b", "--project=p1"],
+    [*"gcloud compute tpus queued-resources list".split(), "--zone=us-central2-b", "--project=p1"],
+  ]
+
+
+def test_tpu_queued_resource_dry_run():
+  args = ["create", "--name=fjax", "--zone=us-west4-a", "--accelerator=v5litepod-16", "--queued", "--dry_run"]
+  result = _ok(TPU, *args)
+  assert _commands(result.stdout) == [
+    [
+      *"gcloud compute tpus queued-resources create fjax".split(),
+      "--zone=us-west4-a",
+      "--node-id=fjax",
+      "--accelerator-type=v5litepod-16",
+      "--runtime-version=v2-alpha-tpuv5-lite",
+    ]
+  ]
+  assert "status --name=fjax --zone=us-west4-a" in result.stderr  # how to see when it is ACTIVE
+  sa = "--service_account=sa@p1.iam.gserviceaccount.com"
+  options = ["--spot", "--valid_until_duration=6h", "--network=vpc", "--subnetwork=sub", sa, "--project=p1"]
+  create, wait = _commands(_ok(TPU, *args, *options, "--wait").stdout)
+  assert create[5:9] == ["fjax", "--zone=us-west4-a", "--project=p1", "--node-id=fjax"]
+  assert create[create.index("--runtime-version=v2-alpha-tpuv5-lite") + 1 :] == [
+    "--spot",
+    "--valid-until-duration=6h",
+    "--network=vpc",
+    "--subnetwork=sub",
+    "--service-account=sa@p1.iam.gserviceaccount.com",
+  ]
+  assert wait == [
+    *"gcloud compute tpus queued-resources describe fjax".split(),
+    "--zone=us-west4-a",
+    "--project=p1",
+    "--format=value(state.state)",
+  ]
+  # The same network options for a TPU VM created directly.
+  direct = ["create", *TPU_BASE, "--accelerator=v4-8", "--network=vpc", "--subnetwork=sub", sa, "--dry_run"]
+  (create,) = _commands(_ok(TPU, *direct).stdout)
+  assert create[:6] == "gcloud compute tpus tpu-vm create fjax".split()
+  assert create[-3:] == ["--network=vpc", "--subnetwork=sub", "--service-account=sa@p1.iam.gserviceaccount.com"]
+
+  (delete,) = _commands(_ok(TPU, "delete", *TPU_BASE, "--queued", "--yes", "--dry_run").stdout)
+  assert delete == [
+    *"gcloud compute tpus queued-resources delete fjax".split(),
+    "--zone=us-central2-b",
+    "--force",
+    "--quiet",
+  ]
+
 
 def test_tpu_install_copies_a_local_checkout():
   git_archive, scp, ssh = _commands(_ok(TPU, "install", *TPU_BASE, "--repo=.", "--dry_run").stdout)
@@ -292,6 +410,9 @@ def test_tpu_commands_run_as_printed(stubs):
   env = _env(bin_dir, STUB_LOG=str(log))
   cases = [
     ["create", *TPU_BASE, "--accelerator=v5litepod-64", "--spot", "--project=my project"],
+    ["create", *TPU_BASE, "--accelerator=v6e-8", "--queued", "--spot", "--valid_until_duration=1d", "--network=n"],
+    ["delete", *TPU_BASE, "--queued"],
+    ["list", "--zone=us-central2-b"],
     ["train", *TPU_BASE, "--config=configs/fractalmar_64.py", "--workdir=gs://b/r w", "--", "--config.x='a b'"],
     ["logs", *TPU_BASE, "--worker=2"],
     ["delete", *TPU_BASE, "--yes"],
@@ -410,6 +531,8 @@ def test_slurm_single_node_dry_run(tmp_path):
     "--output=slurm-%x-%j.out",
     f"--chdir={ROOT}",
     "--signal=TERM@120",
+    "--requeue",
+    "--open-mode=append",
   ]
   assert f". {ROOT}/.venv/bin/activate" in lines
   assert not any("JAX_" in line for line in lines)
@@ -455,6 +578,8 @@ def test_slurm_multi_node_dry_run(tmp_path):
     "--output=logs/%x-%j.out",
     f"--chdir={ROOT}",
     "--signal=TERM@120",
+    "--requeue",
+    "--open-mode=append",
     "--account=abc",
   ]
   # Every #SBATCH line comes before the first command (sbatch stops reading them there).
@@ -478,9 +603,12 @@ def test_slurm_multi_node_dry_run(tmp_path):
   ]
   assert sbatch == ["sbatch", "jobs/fm64.sbatch"]
   lines, _ = _sbatch_dry_run(
-    tmp_path, "--config=c.py", "--workdir=/shared/r", "--nodes=2", "--port=5555", "--term_before=0"
+    tmp_path, "--config=configs/tiny.py", "--workdir=/shared/r", "--nodes=2", "--port=5555", "--term_before=0"
   )
   assert "port=5555" in lines and not any("--signal" in line for line in lines)
+  # --no_requeue; an absolute config path that exists.
+  lines, _ = _sbatch_dry_run(tmp_path, f"--config={ROOT / 'configs/tiny.py'}:x", "--workdir=/shared/r", "--no_requeue")
+  assert not any("--requeue" in line or "--open-mode" in line for line in _directives(lines))
 
 
 def test_slurm_job_runs_with_stand_ins(tmp_path, stubs):
@@ -557,3 +685,230 @@ def test_slurm_writes_without_submitting(tmp_path, stubs):
   assert (tmp_path / "fractal-jax.sbatch").read_text().startswith("#!/bin/bash\n")
   assert "submit it with: sbatch fractal-jax.sbatch" in result.stdout
   assert not _records(log)
+
+
+# ------------------------------------------------------------------------------------- TPU: resume after preemption
+
+
+def _resume(stubs, tmp_path, states, *extra, returncode=0):
+  """`resume` with the stand-in gcloud answering `describe` from `states`: (the gcloud commands it ran, result)."""
+  bin_dir, log = stubs
+  state_file = tmp_path / "states.json"
+  state_file.write_text(json.dumps(states))
+  env = _env(bin_dir, STUB_LOG=str(log), STUB_STATES=str(state_file))
+  log.unlink(missing_ok=True)
+  result = _run(TPU, *RESUME, "--poll_seconds=1", *extra, "--", "--config.data.root=gs://b/imagenet", env=env)
+  assert result.returncode == returncode, result.stdout + result.stderr
+  return [r["argv"] for r in _records(log)], result
+
+
+def _kinds(commands):
+  """Each gcloud command by what it does: 'tpu-vm describe', 'queued-resources create', 'install', 'train', ..."""
+  out = []
+  for argv in commands:
+    assert argv[:3] == ["gcloud", "compute", "tpus"], argv
+    if argv[4] == "ssh":
+      out.append("train" if "fractal_jax.main" in _ssh_command(argv, "all") else "install")
+    else:
+      out.append(f"{argv[3]} {argv[4]}")
+  return out
+
+
+def test_tpu_resume_dry_run_is_the_preempted_way():
+  result = _ok(TPU, *RESUME, "--queued", "--spot", "--dry_run", "--", "--config.data.root=gs://b/imagenet")
+  commands = _commands(result.stdout)
+  assert _kinds(commands) == [
+    "queued-resources describe",
+    "tpu-vm describe",
+    "queued-resources delete",
+    "queued-resources create",
+    "queued-resources describe",
+    "install",
+    "train",
+  ]
+  assert commands[2][-2:] == ["--force", "--quiet"]
+  assert commands[3][-1] == "--spot" and "--node-id=fjax" in commands[3]
+  train = _ssh_command(commands[-1], "all")
+  assert "--config=configs/fractalmar_64.py --workdir=gs://b/run --config.data.root=gs://b/imagenet;" in train
+  assert "preempted slice" in result.stderr
+  # Without --queued: the TPU VM is deleted and created again.
+  commands = _commands(_ok(TPU, *RESUME, "--spot", "--dry_run").stdout)
+  assert _kinds(commands) == ["queued-resources describe", "tpu-vm describe", "tpu-vm delete", "tpu-vm create"] + [
+    "install",
+    "train",
+  ]
+  assert commands[3][-1] == "--spot"
+
+
+@pytest.mark.parametrize(
+  ("queued", "states", "expected"),
+  [
+    # A Spot queued resource after preemption: deleted (with its TPU), requested again, waited for.
+    (
+      True,
+      {"queued-resources": ["SUSPENDED", "WAITING_FOR_RESOURCES", "PROVISIONING", "ACTIVE"], "tpu-vm": ["ABSENT"]},
+      ["delete", "create", "describe", "describe", "describe", "install", "train"],
+    ),
+    # A preempted Spot TPU VM: deleted, created, installed.
+    (False, {"queued-resources": ["ABSENT"], "tpu-vm": ["PREEMPTED"]}, ["delete", "create", "install", "train"]),
+    (False, {"queued-resources": ["ABSENT"], "tpu-vm": ["TERMINATED"]}, ["delete", "create", "install", "train"]),
+    # Deleted already: created again.
+    (False, {"queued-resources": ["ABSENT"], "tpu-vm": ["ABSENT"]}, ["create", "install", "train"]),
+    # A queued request still in the queue keeps its place: waited for, not requested again.
+    (
+      True,
+      {"queued-resources": ["WAITING_FOR_RESOURCES", "ACTIVE"], "tpu-vm": ["ABSENT"]},
+      ["describe", "install"] + ["train"],
+    ),
+    # Nothing lost: training only (the installation is still there).
+    (False, {"queued-resources": ["ABSENT"], "tpu-vm": ["READY"]}, ["train"]),
+    (True, {"queued-resources": ["ACTIVE"], "tpu-vm": ["READY"]}, ["train"]),
+  ],
+)
+def test_tpu_resume_goes_by_the_states(stubs, tmp_path, queued, states, expected):
+  extra = ["--queued", "--spot"] if queued else ["--spot"]
+  commands, result = _resume(stubs, tmp_path, states, *extra)
+  kinds = _kinds(commands)
+  assert kinds[:2] == ["queued-resources describe", "tpu-vm describe"]
+  assert [k.split()[-1] for k in kinds[2:]] == expected
+  kind = "queued-resources" if queued else "tpu-vm"
+  for argv in commands[2:]:
+    if argv[4] == "create":  # created again with the options given
+      assert argv[3] == kind and argv[-1] == "--spot"
+    if argv[4] == "delete":  # no question asked; a queued resource's TPU VM goes with it (--force)
+      assert argv[3] == kind and argv[-1] == "--quiet" and (argv[-2] == "--force") == queued
+  train = _ssh_command(commands[-1], "all")
+  assert "--workdir=gs://b/run --config.data.root=gs://b/imagenet;" in train
+  assert f"TPU VM fjax: {states['tpu-vm'][0]}" in result.stderr
+
+
+@pytest.mark.parametrize(
+  ("extra", "states", "returncode", "message"),
+  [
+    ([], {"queued-resources": ["SUSPENDED"], "tpu-vm": ["ABSENT"]}, 2, "add --queued"),
+    (["--queued"], {"queued-resources": ["SUSPENDED", "FAILED"], "tpu-vm": ["ABSENT"]}, 1, "is FAILED, not ACTIVE"),
+    ([], {"queued-resources": ["DENIED"], "tpu-vm": ["ABSENT"]}, 1, "PERMISSION_DENIED"),
+  ],
+)
+def test_tpu_resume_stops_on_what_it_cannot_fix(stubs, tmp_path, extra, states, returncode, message):
+  commands, result = _resume(stubs, tmp_path, states, *extra, returncode=returncode)
+  assert message in result.stderr
+  assert "install" not in _kinds(commands) and "train" not in _kinds(commands)
+
+
+def test_tpu_status_prints_both_states(stubs, tmp_path):
+  bin_dir, log = stubs
+  state_file = tmp_path / "states.json"
+  state_file.write_text(json.dumps({"queued-resources": ["ABSENT"], "tpu-vm": ["PREEMPTED"]}))
+  result = _ok(TPU, "status", *TPU_BASE, env=_env(bin_dir, STUB_LOG=str(log), STUB_STATES=str(state_file)))
+  assert result.stdout == "queued resource fjax: ABSENT\nTPU VM fjax: PREEMPTED\n"
+
+
+# ------------------------------------------------------------------------------ the examples in help and docs
+
+
+def _dotted_paths_exist(words, config):
+  """Every `--config.<a>.<b>=...` among `words` names a field of `config` (an ml_collections.ConfigDict)."""
+  for word in words:
+    match = re.match(r"--config\.([A-Za-z0-9_.]+)=", word)
+    if not match:
+      continue
+    node = config
+    for part in match.group(1).split("."):
+      assert hasattr(node, "keys") and part in node.keys(), f"{word}: no field {match.group(1)} in the config"
+      node = node[part]
+
+
+def _example_lines(text, script):
+  """The command lines in `text` that run `script` (launch/tpu_vm.sh or launch/slurm_gpu.sh): continuation lines
+  joined, `$NAME` expanded from NAME="..." lines before them, read as a shell reads them (comments dropped)."""
+  variables = {}
+  lines = []
+  logical = ""
+  for raw in text.splitlines():
+    logical += raw.strip()
+    if logical.endswith("\\"):
+      logical = logical[:-1] + " "
+      continue
+    line, logical = logical, ""
+    assignment = re.fullmatch(r'([A-Z_]+)="([^"]*)"', line)
+    if assignment:
+      variables[assignment.group(1)] = assignment.group(2)
+      continue
+    line = line.removeprefix("$ ")
+    if not line.startswith(script + " "):
+      continue
+    for name, value in variables.items():
+      line = line.replace(f"${name}", value)
+    lines.append(shlex.split(line, comments=True))
+  return lines
+
+
+def _check_example(words):
+  """Runs one example command line with --dry_run; checks its --config.<a>.<b> overrides against its --config."""
+  assert not any(w.startswith("[") or w.endswith("]") or w in ("...", "FLAGS...") for w in words), words
+  script = TPU if words[0].endswith("tpu_vm.sh") else SLURM
+  result = _run(script, "--dry_run", *words[1:])
+  assert result.returncode == 0, f"{shlex.join(words)}\n{result.stderr}"
+  own = words[1 : words.index("--")] if "--" in words else words[1:]
+  configs = [w.removeprefix("--config=") for w in own if w.startswith("--config=")]
+  config = load_config_file(str(ROOT / configs[0])) if configs else base_config()
+  _dotted_paths_exist(words, config)
+
+
+def _help(script, *args):
+  return subprocess.run(["bash", script, *args], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+
+
+def _markdown_code(path):
+  return "\n".join(re.findall(r"```[a-z]*\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.DOTALL))
+
+
+def test_help_examples_run_and_name_real_config_fields():
+  """Every example command line in the scripts' help texts runs (dry run), with overrides its config has."""
+  # Run from the repository root as `bash launch/...`, so that $PROG reads launch/tpu_vm.sh in the help.
+  tpu = "\n".join(_help("launch/tpu_vm.sh", *args) for args in (["--help"], *([s, "--help"] for s in TPU_SUBCOMMANDS)))
+  slurm = _help("launch/slurm_gpu.sh", "--help")
+  tpu_lines = _example_lines(tpu, "launch/tpu_vm.sh")
+  slurm_lines = _example_lines(slurm, "launch/slurm_gpu.sh")
+  assert {words[1] for words in tpu_lines} >= {"create", "install", "train", "logs", "status", "resume", "delete"}
+  assert len(slurm_lines) >= 1
+  for words in tpu_lines + slurm_lines:
+    _check_example(words)
+  # Overrides shown outside a whole command line ("e.g. -- --config.train.global_batch=1024") exist too.
+  fragments = re.findall(r"--config\.[A-Za-z0-9_.]+=\S*", tpu + slurm)
+  assert "--config.train.global_batch=1024" in fragments
+  _dotted_paths_exist(fragments, base_config())
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/cloud_tpu.md"])
+def test_doc_examples_run_and_name_real_config_fields(doc):
+  code = _markdown_code(ROOT / doc)
+  lines = _example_lines(code, "launch/tpu_vm.sh") + _example_lines(code, "launch/slurm_gpu.sh")
+  assert len(lines) >= 5, f"{doc}: no launch examples found"
+  for words in lines:
+    _check_example(words)
+  _dotted_paths_exist(re.findall(r"--config\.[A-Za-z0-9_.]+=\S*", code), base_config())
+
+
+def test_docs_hold_the_scripts_own_dry_run_output():
+  """docs/cloud_tpu.md's `console` blocks: each `$ launch/...` line's output is what the script prints now
+  (in an expected line, ' ...' stands for any text: the long remote scripts are shown in part)."""
+  blocks = re.findall(r"```console\n(.*?)```", (ROOT / "docs" / "cloud_tpu.md").read_text(encoding="utf-8"), re.DOTALL)
+  assert blocks
+  checked = 0
+  for block in blocks:
+    for command, expected in re.findall(
+      r"^\$ ((?:[^\n]*\\\n)*[^\n]*)\n(.*?)(?=^\$ |\Z)", block, re.DOTALL | re.MULTILINE
+    ):
+      words = shlex.split(command.replace("\\\n", " "))
+      assert "--dry_run" in words, command
+      script = TPU if words[0].endswith("tpu_vm.sh") else SLURM
+      printed = _ok(script, *words[1:]).stdout.splitlines()
+      expected = expected.splitlines()
+      assert len(printed) == len(expected), f"{command}\n" + "\n".join(printed)
+      for want, got in zip(expected, printed):
+        pattern = ".*?".join(re.escape(piece) for piece in re.split(r" \.\.\.(?=[ ']|$)", want))
+        assert re.fullmatch(pattern, got, re.DOTALL), f"{command}\n{want}\n{got}"
+      checked += 1
+  assert checked >= 4
