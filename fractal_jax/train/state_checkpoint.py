@@ -100,8 +100,9 @@ class TrainCheckpointer:
       restored.get("ema_params") if "ema_params" in items else None,
     )
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+  def reached_preemption(self, step: int) -> bool:
+    """Whether every host should checkpoint `step` and stop: orbax's preemption sync point (the same on all hosts)."""
+    return self.manager.reached_preemption(step)
 
   def close(self) -> None:
     self.manager.wait_until_finished()
