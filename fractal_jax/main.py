@@ -186,7 +186,7 @@ def main(argv: Sequence[str]) -> None:
 
   distributed.maybe_initialize()  # before anything touches the devices
   from fractal_jax.data import pipeline as input_pipeline
-  from fractal_jax.evaluation import inception
+  from fractal_jax.evaluation import inception_weights
   from fractal_jax.io import model_checkpoint as checkpoint_io
   from fractal_jax.parallel import mesh
   from fractal_jax.sampling import sampler
@@ -199,7 +199,7 @@ def main(argv: Sequence[str]) -> None:
     sampler.SampleError,
     mesh.MeshError,
     input_pipeline.DataError,
-    inception.InceptionWeightsError,
+    inception_weights.InceptionWeightsError,
     FileNotFoundError,
   )
   try:

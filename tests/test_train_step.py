@@ -91,3 +91,18 @@ def test_ema_follows_the_parameters():
     state.params,
     new.params,
   )
+
+
+def test_ema_decay_is_given_exactly_when_the_state_has_ema():
+  s = tiny_models.settings("mar_2")
+  model = fractal.build(s)
+  opt = optimizer.make_optimizer(optimizer.learning_rate_schedule(3e-3, warmup_steps=1, total_steps=10))
+  params = tiny_models.init_params(s)
+  images = tiny_models.images_8bit(jax.random.key(0), 4, s.img_size)
+  labels = jnp.arange(4) % s.num_classes
+  with pytest.raises(ValueError, match="has EMA parameters"):
+    train_step.train_step(model, opt, train_step.init_state(params, opt, ema=True), images, labels, jax.random.key(0))
+  with pytest.raises(ValueError, match="has no EMA parameters"):
+    train_step.train_step(
+      model, opt, train_step.init_state(params, opt), images, labels, jax.random.key(0), ema_decay=0.9
+    )

@@ -6,8 +6,8 @@ Batches are dicts of NumPy arrays, this host's share of the global batch:
   {..., "mask": float32 [B_local]}                                   (evaluation; 0 marks padding)
 
 Images stay uint8 (normalisation happens on device). `make_source` turns the
-`config.data` ConfigDict (`data_defaults()`) into a source from
-`fractal_jax.data.sources`.
+`config.data` ConfigDict (defaults in `fractal_jax.config.base_config`) into a
+source from `fractal_jax.data.sources`.
 """
 
 from __future__ import annotations
@@ -234,8 +234,8 @@ def train_dataset(
   `it = iter(dataset)` supports `it.get_state()` (a dict) and
   `it.set_state(state)`: a fresh iterator of the same pipeline set to a saved
   state continues with the next unseen batch. `worker_count` > 0 decodes in
-  that many grain worker processes (mp_prefetch: spawned, ~3 s to start, so
-  the main script needs the `if __name__ == "__main__":` guard; close the
+  that many grain worker processes (mp_prefetch: spawned processes, so the
+  main script needs the `if __name__ == "__main__":` guard; close the
   iterator with `it.close()` when done); changing it changes the order of
   batches, and a state saved with one worker_count only restores with the same.
 
@@ -330,22 +330,6 @@ def eval_batches(
 # --- configuration ------------------------------------------------------------------------------------------------
 
 DATA_NAMES = ("digits", "imagefolder", "tfds")
-
-
-def data_defaults() -> ml_collections.ConfigDict:
-  """Defaults of `config.data` (empty strings mean "not set", so every field can be overridden by flag)."""
-  return ml_collections.ConfigDict(
-    dict(
-      name="digits",  # "digits" | "imagefolder" | "tfds"
-      root="",  # imagefolder: the folder holding <train_split>/ and <eval_split>/ (local or gs://)
-      tfds_name="imagenet2012",  # tfds: the dataset name (optionally with :version)
-      tfds_data_dir="",  # tfds: the data dir; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
-      train_split="train",
-      eval_split="val",  # digits and imagefolder: "val"; tfds imagenet2012: "validation"
-      random_flip=True,  # the digits demo turns it off: mirrored digits are wrong
-      worker_count=0,  # grain worker processes for decoding (0: threads in the main process)
-    )
-  )
 
 
 def make_source(data_config: ml_collections.ConfigDict, split: str) -> DataSource:

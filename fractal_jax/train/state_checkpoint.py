@@ -59,10 +59,10 @@ class TrainCheckpointer:
       create=True,
     )
     self.directory = checkpoint_dir(workdir)
-    self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    return self._manager.latest_step()
 
   def save(self, state: train_step.TrainState, data_state: Any, model_cfg: Any, *, wait: bool = False) -> None:
     """Starts writing `state` as step `state.step` (returns before the bytes are on disk unless `wait`)."""
@@ -76,13 +76,13 @@ class TrainCheckpointer:
       items["ema_params"] = ocp.args.StandardSave(state.ema_params)
     if data_state is not None:
       items["data"] = grain.checkpoint.CheckpointSave(_IteratorSnapshot(data_state))
-    self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     if wait:
-      self.manager.wait_until_finished()
+      self._manager.wait_until_finished()
 
   def restore(self, abstract_state: train_step.TrainState, iterator: Any | None) -> train_step.TrainState:
     """The newest step into the shapes and shardings of `abstract_state`; `iterator` gets its data state."""
-    step = self.manager.latest_step()
+    step = self._manager.latest_step()
     items = dict(
       params=ocp.args.StandardRestore(abstract_state.params),
       opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
@@ -91,7 +91,7 @@ class TrainCheckpointer:
       items["ema_params"] = ocp.args.StandardRestore(abstract_state.ema_params)
     if iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     step_array = jax.device_put(jax.numpy.int32(step), abstract_state.step.sharding)
     return train_step.TrainState(
       step_array,
@@ -100,9 +100,10 @@ class TrainCheckpointer:
       restored.get("ema_params") if "ema_params" in items else None,
     )
 
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
+  def reached_preemption(self, step: int) -> bool:
+    """Whether every host should checkpoint `step` and stop: orbax's preemption sync point (the same on all hosts)."""
+    return self._manager.reached_preemption(step)
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    self._manager.wait_until_finished()
+    self._manager.close()

@@ -92,7 +92,7 @@ def train_step(
   key: jax.Array,
   *,
   accum_steps: int = 1,
-  ema_decay: float = 0.9999,
+  ema_decay: float | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One step on a batch.
 
@@ -102,13 +102,21 @@ def train_step(
     key: the run's key; this step uses `fold_in(key, state.step)`.
     accum_steps: split the batch into this many micro-batches (gradient
       accumulation: the same update with less activation memory).
-    ema_decay: decay of `state.ema_params` (when the state has them).
+    ema_decay: decay of `state.ema_params`: required when the state has them
+      (EMA on, `init_state(..., ema=True)`), None when it does not.
 
   Returns:
     (new state, metrics): `loss`, `pixel_loss`, `pixel_ce_{r,g,b}`,
     `guide_loss_<level>` (with a guiding pixel), `grad_norm` (float32
     scalars) and `finite` (bool: False means the state was left unchanged).
+
+  Raises:
+    ValueError: `ema_decay` is None for a state with EMA parameters, or given for one without.
   """
+  if state.ema_params is not None and ema_decay is None:
+    raise ValueError("the state has EMA parameters (init_state(..., ema=True)): pass their ema_decay")
+  if state.ema_params is None and ema_decay is not None:
+    raise ValueError(f"ema_decay={ema_decay} given, but the state has no EMA parameters (init_state(..., ema=False))")
   step_key = jax.random.fold_in(key, state.step)
   if accum_steps == 1:
     aux, grads = _loss_and_grads(model, state.params, images, labels, step_key)

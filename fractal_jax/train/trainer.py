@@ -2,24 +2,29 @@
 
     python -m fractal_jax.main --config=configs/demo.py --workdir=/tmp/demo
 
-Order of work (every input is checked before anything compiles, and a bad
-one never touches the workdir):
+`train` reads top to bottom (every input is checked before anything
+compiles, and a bad one never touches the workdir):
   1. `prepare`: model config, mesh vs devices, batch divisibility, data
      sources (missing or empty directories, unbuilt TFDS datasets), the
      workdir's stored model config, `init_from`.
-  2. State born sharded: `jit(init, out_shardings=...)` creates parameters
-     and optimizer moments directly in their shards (FSDP over `fsdp`,
-     rules in `config.sharding_rules`); then restored from the workdir's
-     newest checkpoint (parameters, optimizer, step, data iterator), or
-     loaded from `init_from`.
-  3. The loop: one jitted step (donated state, batch over data x fsdp),
-     clu metrics every `log_every_steps`, asynchronous checkpoints every
-     `checkpoint_every_steps`, periodic evaluation (held-out bits/dim, a
-     sample grid, and for the digits demo the classifier figures).
-  4. SIGTERM (preemption): the current step is checkpointed, then the run
-     ends; rerunning the same command resumes. A non-finite loss drops its
-     step (`train_step`), stops the run with `TrainingError`, and no
-     checkpoint is written after it: the newest one is the last good state.
+  2. Model, optimizer, and `state_shardings` (FSDP over `fsdp`, rules in
+     `config.sharding_rules`).
+  3. Workdir, checkpointer, this host's input iterator.
+  4. `create_state`: the state born sharded, restored from the workdir's
+     newest checkpoint (parameters, optimizer, step, data iterator), or made
+     by `jit(init, out_shardings=...)` (with the weights of `init_from`).
+  5. `make_step_fn`: one jitted step (donated state, batch over data x fsdp).
+  6. The loop: `MetricsLogger` (clu metrics and a progress line every
+     `log_every_steps`), periodic evaluation (held-out bits/dim, a sample
+     grid, and for the digits demo the classifier figures), asynchronous
+     checkpoints every `checkpoint_every_steps`.
+SIGTERM (preemption): the current step is checkpointed, then the run ends;
+rerunning the same command resumes. A non-finite loss drops its step
+(`train_step`), stops the run with `TrainingError`, and no checkpoint is
+written after it: the newest one is the last good state.
+
+Shapes: B images per batch (this host's part in the iterator), S the image
+side; batches are uint8 images [B, S, S, 3] and int32 labels [B].
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ import dataclasses
 import pathlib
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+import optax
 from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
@@ -294,6 +301,177 @@ def make_train_iterator(config: Any, model_settings: model_config.ModelSettings,
   )
 
 
+# --- the pieces of the loop: sharded state, jitted step, metrics ---------------------------------------------------
+
+
+def state_shardings(
+  model: fractal.FractalModel, tx: optax.GradientTransformation, mesh: Mesh, rules: Any, *, ema: bool
+) -> train_step.TrainState:
+  """The `NamedSharding` of every leaf of the train state, as a `TrainState` of shardings.
+
+  Parameters, their EMA and the optimizer moments follow `rules` (FSDP over `fsdp`); the step counter is replicated.
+  A parameter that a mesh axis does not divide stays replicated (logged at INFO).
+  """
+  params_shardings = sharding.param_shardings(model, mesh, rules)
+  abstract_params = jax.eval_shape(lambda: fractal.init_params(model, jax.random.key(0)))
+  for name in sharding.undivided(model, mesh, rules):
+    logging.info("replicated (mesh axis does not divide it): %s", name)
+  return train_step.TrainState(
+    mesh_lib.replicated(mesh),
+    params_shardings,
+    sharding.opt_state_shardings(tx, params_shardings, abstract_params, mesh),
+    params_shardings if ema else None,
+  )
+
+
+def create_state(
+  plan: Plan,
+  model: fractal.FractalModel,
+  tx: optax.GradientTransformation,
+  shardings: train_step.TrainState,
+  init_key: jax.Array,
+  checkpointer: train_checkpoints.TrainCheckpointer,
+  iterator: Any,
+) -> train_step.TrainState:
+  """The run's first state, born sharded as `shardings` (never whole on one device).
+
+  The workdir's newest checkpoint if there is one (restored into an abstract target that carries the shardings; it
+  also sets `iterator` to its data state); else fresh parameters (`jit(init, out_shardings=...)`) and optimizer
+  moments, the parameters taken from `config.train.init_from` when set.
+  """
+  ema = shardings.ema_params is not None
+
+  def init_fn(key: jax.Array) -> train_step.TrainState:
+    return train_step.init_state(fractal.init_params(model, key), tx, ema=ema)
+
+  resumed_from = checkpointer.latest_step()
+  if resumed_from is not None:
+    state = checkpointer.restore(_with_shardings(jax.eval_shape(init_fn, init_key), shardings), iterator)
+    print(f"resumed from {checkpointer.directory}/{resumed_from}")
+    return state
+  with jax.set_mesh(plan.mesh):
+    state = jax.jit(init_fn, out_shardings=shardings)(init_key)
+  init_from = plan.config.train.init_from
+  if init_from:
+    params = jax.device_put(init_from_weights(plan.config, state.params), shardings.params)
+    with jax.set_mesh(plan.mesh):
+      state = jax.jit(
+        lambda p: train_step.init_state(p, tx, ema=ema), in_shardings=(shardings.params,), out_shardings=shardings
+      )(params)
+    print(f"initialised from {init_from}")
+  return state
+
+
+def make_step_fn(
+  model: fractal.FractalModel,
+  tx: optax.GradientTransformation,
+  shardings: train_step.TrainState,
+  batch_sharding: NamedSharding,
+  run_key: jax.Array,
+  train_cfg: Any,
+) -> Callable[[train_step.TrainState, jax.Array, jax.Array], tuple[train_step.TrainState, dict[str, jax.Array]]]:
+  """The jitted step `(state, images, labels) -> (state, metrics)` of `train_step.train_step`.
+
+  The state keeps `shardings` and is donated (updated in place); images uint8 [B, S, S, 3] and labels int32 [B] are
+  split over the mesh's data x fsdp axes (`batch_sharding`); the metrics (float32 scalars, `finite` bool) come back
+  replicated. The EMA decay is passed only when the state has EMA parameters.
+  """
+  ema_decay = float(train_cfg.ema_decay) if shardings.ema_params is not None else None
+
+  def step_fn(
+    state: train_step.TrainState, images: jax.Array, labels: jax.Array
+  ) -> tuple[train_step.TrainState, dict[str, jax.Array]]:
+    return train_step.train_step(
+      model, tx, state, images, labels, run_key, accum_steps=train_cfg.grad_accum_steps, ema_decay=ema_decay
+    )
+
+  return jax.jit(
+    step_fn,
+    in_shardings=(shardings, batch_sharding, batch_sharding),
+    out_shardings=(shardings, mesh_lib.replicated(batch_sharding.mesh)),
+    donate_argnums=(0,),
+  )
+
+
+class MetricsLogger:
+  """The loop's training metrics: kept on device after each step (no host sync) until `flush` logs them.
+
+  `flush` checks that every kept step was finite, writes the mean of their metrics (and the learning rate) to the
+  metric writer, prints the progress line on process 0, and keeps the figures in `last`. clu's `ReportProgress`
+  (steps/s in the writer) runs after every step.
+
+  Attributes:
+    every_steps: log every this many steps (`config.train.log_every_steps`, at least 1) and when saving.
+    last: the last flushed figures, `train/<metric>` (floats) and `train/step`; empty before the first flush.
+  """
+
+  def __init__(
+    self,
+    plan: Plan,
+    writer: Any,
+    schedule: Callable[[int], Any],
+    steps: tuple[int, int],
+    started: float,
+    newest_checkpoint: Callable[[], int | None],
+  ) -> None:
+    """`steps`: (first, end) step of this run; `started`: `time.perf_counter()` before the state was made."""
+    from clu import periodic_actions
+
+    first_step, end_step = steps
+    self.every_steps = max(1, int(plan.config.train.log_every_steps))
+    self.last: dict[str, float] = {}
+    self._writer, self._schedule, self._newest_checkpoint = writer, schedule, newest_checkpoint
+    self._first_step, self._end_step, self._started = first_step, end_step, started
+    self._global_batch = int(plan.config.train.global_batch)
+    self._progress = periodic_actions.ReportProgress(
+      num_train_steps=plan.total_steps, writer=writer, every_steps=self.every_steps, every_secs=None
+    )
+    self._pending: list[tuple[int, dict[str, jax.Array]]] = []
+    self._clock = (first_step, time.perf_counter())  # (step, time) of the previous progress line
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    """Keeps the metrics of the step that made the state's step `step`; times the first one (with its compilation)."""
+    self._pending.append((step, metrics))
+    if step == self._first_step + 1:
+      jax.block_until_ready(metrics)
+      print(f"first step (compile included) took {time.perf_counter() - self._started:.1f} s", flush=True)
+      self._clock = (step, time.perf_counter())  # the rate excludes the compilation
+    self._progress(step)
+
+  def flush(self, step: int) -> None:
+    """Checks every kept step's finiteness, then logs the mean of their metrics at `step`.
+
+    Raises:
+      TrainingError: a kept step was not finite (`train_step` dropped it; no checkpoint was written after it).
+    """
+    if not self._pending:
+      return
+    fetched = jax.device_get([m for _, m in self._pending])
+    for (done, _), metrics in zip(self._pending, fetched):
+      if not bool(metrics["finite"]):
+        raise TrainingError(
+          f"non-finite loss at step {done}: training stopped; the step was dropped and nothing was saved "
+          f"after it. The newest checkpoint (step {self._newest_checkpoint()}) is the last good state: lower "
+          "config.train.base_lr, check the data, or try config.model.dtype=float32."
+        )
+    self._pending.clear()
+    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1] if k != "finite"}
+    scalars["learning_rate"] = float(self._schedule(step - 1))
+    self._writer.write_scalars(step, scalars)
+    now = time.perf_counter()
+    rate = (step - self._clock[0]) / max(now - self._clock[1], 1e-9)
+    self._clock = (step, now)
+    if jax.process_index() == 0:
+      eta = (self._end_step - step) / max(rate, 1e-9)
+      print(
+        f"step {step}/{self._end_step}: loss {scalars['loss']:.4f}, grad norm {scalars['grad_norm']:.3f}, "
+        f"lr {scalars['learning_rate']:.3g}, {rate:.2f} steps/s ({rate * self._global_batch:.0f} images/s), "
+        f"ETA {eta / 60:.1f} min",
+        flush=True,
+      )
+    self.last = {f"train/{k}": v for k, v in scalars.items()} | {"train/step": float(step)}
+
+
 def train(config: Any, workdir: str, stop_at_step: int = 0) -> dict[str, float]:
   """Trains (or resumes) in `workdir`.
 
@@ -304,143 +482,57 @@ def train(config: Any, workdir: str, stop_at_step: int = 0) -> dict[str, float]:
     The last logged training metrics (`train/<name>`, `train/step`) and the
     last evaluation's figures (`eval/<name>`; none if no evaluation ran).
   """
-  plan = prepare(config, workdir)
+  plan = prepare(config, workdir)  # mesh and every input checked; nothing compiled or written yet
   train_cfg = config.train
+  end_step = min(plan.total_steps, stop_at_step) if stop_at_step > 0 else plan.total_steps
+
   model = fractal.build(plan.model_settings)
   schedule = optimizer.learning_rate_schedule(plan.peak_lr, plan.warmup_steps, plan.total_steps, train_cfg.min_lr)
   tx = optimizer.make_optimizer(schedule, train_cfg.weight_decay, train_cfg.grad_clip)
-  use_ema = train_cfg.ema_decay > 0
-
-  params_shardings = sharding.param_shardings(model, plan.mesh, config.sharding_rules)
-  abstract_params = jax.eval_shape(lambda: fractal.init_params(model, jax.random.key(0)))
-  replicated = mesh_lib.replicated(plan.mesh)
-  state_shardings = train_step.TrainState(
-    replicated,
-    params_shardings,
-    sharding.opt_state_shardings(tx, params_shardings, abstract_params, plan.mesh),
-    params_shardings if use_ema else None,
-  )
-  for name in sharding.undivided(model, plan.mesh, config.sharding_rules):
-    logging.info("replicated (mesh axis does not divide it): %s", name)
+  shardings = state_shardings(model, tx, plan.mesh, config.sharding_rules, ema=train_cfg.ema_decay > 0)
 
   plan.workdir.mkdir(parents=True, exist_ok=True)
   checkpointer = train_checkpoints.TrainCheckpointer(
     plan.workdir, keep=train_cfg.keep_checkpoints, keep_every=train_cfg.keep_every_steps
   )
   iterator = iter(make_train_iterator(config, plan.model_settings, plan.train_source))
-  init_key, run_key = run_keys(config.seed)
-
-  def init_fn(k: jax.Array) -> train_step.TrainState:
-    return train_step.init_state(fractal.init_params(model, k), tx, ema=use_ema)
-
-  start = time.perf_counter()
-  with jax.set_mesh(plan.mesh):
-    state = jax.jit(init_fn, out_shardings=state_shardings)(init_key)
-  resumed_from = checkpointer.latest_step()
-  if resumed_from is not None:
-    abstract = _with_shardings(jax.eval_shape(init_fn, init_key), state_shardings)
-    state = checkpointer.restore(abstract, iterator)
-    print(f"resumed from {checkpointer.directory}/{resumed_from}")
-  elif train_cfg.init_from:
-    params = jax.device_put(init_from_weights(config, state.params), params_shardings)
-    with jax.set_mesh(plan.mesh):
-      state = jax.jit(
-        lambda p: train_step.init_state(p, tx, ema=use_ema),
-        in_shardings=(params_shardings,),
-        out_shardings=state_shardings,
-      )(params)
-    print(f"initialised from {train_cfg.init_from}")
-  first_step = int(state.step)
-  end_step = min(plan.total_steps, stop_at_step) if stop_at_step > 0 else plan.total_steps
-
   batch_sharding = NamedSharding(plan.mesh, mesh_lib.batch_spec())
-  step_fn = jax.jit(
-    lambda s, x, y: train_step.train_step(
-      model, tx, s, x, y, run_key, accum_steps=train_cfg.grad_accum_steps, ema_decay=train_cfg.ema_decay or 0.9999
-    ),
-    in_shardings=(state_shardings, batch_sharding, batch_sharding),
-    out_shardings=(state_shardings, replicated),
-    donate_argnums=(0,),
-  )
-  num_params = fractal.count_params(abstract_params)
+
+  init_key, run_key = run_keys(config.seed)
+  started = time.perf_counter()
+  state = create_state(plan, model, tx, shardings, init_key, checkpointer, iterator)
+  step_fn = make_step_fn(model, tx, shardings, batch_sharding, run_key, train_cfg)
+  first_step = int(state.step)
   print(
-    f"training {num_params:,} parameters on {plan.mesh.size} device(s) {dict(plan.mesh.shape)}, "
-    f"{jax.process_count()} host(s); global batch {train_cfg.global_batch}, steps {first_step} -> {end_step} "
-    f"of {plan.total_steps} "
-    f"(warm-up {plan.warmup_steps}), peak lr {plan.peak_lr:.3g}; workdir {plan.workdir}"
+    f"training {fractal.count_params(state.params):,} parameters on {plan.mesh.size} device(s) "
+    f"{dict(plan.mesh.shape)}, {jax.process_count()} host(s); global batch {train_cfg.global_batch}, steps "
+    f"{first_step} -> {end_step} of {plan.total_steps} (warm-up {plan.warmup_steps}), peak lr {plan.peak_lr:.3g}; "
+    f"workdir {plan.workdir}"
   )
 
   writer = metrics_io.make_writer(plan.workdir)
   if first_step == 0:
     writer.write_hparams(metrics_io.flat_hparams(config))
-  from clu import periodic_actions
-
-  progress_every = max(1, int(train_cfg.log_every_steps))
-  progress = periodic_actions.ReportProgress(
-    num_train_steps=plan.total_steps, writer=writer, every_steps=progress_every, every_secs=None
-  )
+  logger = MetricsLogger(plan, writer, schedule, (first_step, end_step), started, checkpointer.latest_step)
   preemption = _Preemption()
-  pending: list[tuple[int, dict[str, jax.Array]]] = []
-  last_saved = first_step
   results: dict[str, float] = {}
-  last_train: dict[str, float] = {}
-  last_log = [first_step, time.perf_counter()]  # (step, time) of the previous log line
-
-  def flush_metrics(step: int) -> None:
-    """Checks every pending step's finiteness, then logs the mean of their metrics."""
-    if not pending:
-      return
-    fetched = jax.device_get([m for _, m in pending])
-    for (done, _), metrics in zip(pending, fetched):
-      if not bool(metrics["finite"]):
-        raise TrainingError(
-          f"non-finite loss at step {done + 1}: training stopped; the step was dropped and nothing was saved "
-          f"after it. The newest checkpoint (step {checkpointer.latest_step()}) is the last good state: lower "
-          "config.train.base_lr, check the data, or try config.model.dtype=float32."
-        )
-    scalars = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[-1] if k != "finite"}
-    scalars["learning_rate"] = float(schedule(step - 1))
-    writer.write_scalars(step, scalars)
-    now = time.perf_counter()
-    rate = (step - last_log[0]) / max(now - last_log[1], 1e-9)
-    last_log[:] = [step, now]
-    if jax.process_index() == 0:
-      eta = (end_step - step) / max(rate, 1e-9)
-      print(
-        f"step {step}/{end_step}: loss {scalars['loss']:.4f}, grad norm {scalars['grad_norm']:.3f}, "
-        f"lr {scalars['learning_rate']:.3g}, {rate:.2f} steps/s ({rate * train_cfg.global_batch:.0f} images/s), "
-        f"ETA {eta / 60:.1f} min",
-        flush=True,
-      )
-    last_train.update({f"train/{k}": v for k, v in scalars.items()} | {"train/step": float(step)})
-    pending.clear()
-
   try:
-    step = first_step
-    while step < end_step:
-      batch = next(iterator)
-      images, labels = _global_batch(batch, batch_sharding)
+    for step in range(first_step + 1, end_step + 1):
+      images, labels = _global_batch(next(iterator), batch_sharding)
       with jax.set_mesh(plan.mesh):
         state, metrics = step_fn(state, images, labels)
-      pending.append((step, metrics))
-      step += 1
-      if step == first_step + 1:
-        jax.block_until_ready(metrics)
-        print(f"first step (compile included) took {time.perf_counter() - start:.1f} s", flush=True)
-        last_log[:] = [step, time.perf_counter()]
-      progress(step)
+      logger.add(step, metrics)
       last = step == end_step
-      # Multi-host: orbax's preemption sync point makes every host agree on the step to save.
-      preempted = preemption.requested or checkpointer.manager.reached_preemption(step)
+      preempted = preemption.requested or checkpointer.reached_preemption(step)
       should_save = last or preempted or step % train_cfg.checkpoint_every_steps == 0
-      if step % progress_every == 0 or should_save:
-        flush_metrics(step)
+      if step % logger.every_steps == 0 or should_save:
+        logger.flush(step)  # before saving: a non-finite step stops the run with no checkpoint after it
       if train_cfg.eval_every_steps > 0 and (step % train_cfg.eval_every_steps == 0 or last):
-        results = evaluate(plan, state.ema_params if use_ema else state.params, model, step, writer)
+        params = state.params if state.ema_params is None else state.ema_params
+        results = evaluate(plan, params, model, step, writer)
         print(f"step {step}: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in results.items()))
-      if should_save and step != last_saved:
+      if should_save:
         checkpointer.save(state, iterator.get_state(), config.model, wait=preempted)
-        last_saved = step
       if preempted:
         print(f"SIGTERM: checkpointed step {step} in {checkpointer.directory}; rerun the same command to resume")
         break
@@ -448,4 +540,4 @@ def train(config: Any, workdir: str, stop_at_step: int = 0) -> dict[str, float]:
     preemption.restore()
     checkpointer.close()
     writer.close()
-  return last_train | results
+  return logger.last | results
