@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import tiny_models
 
+from fractal_jax.config import base_config
 from fractal_jax.model import fractal, patches
-from fractal_jax.sampling import chunking, draws, mar_schedule, recursion, sampler
+from fractal_jax.parallel import mesh
+from fractal_jax.sampling import chunking, draws, loaded, mar_schedule, recursion, sampler
 
 # jax.monitoring events recorded for every traced function and every compiled program.
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
@@ -333,3 +335,17 @@ def test_label_condition_maps_minus_one_to_the_fake_latent(sampling_models):
   cond = model.apply({"params": params}, jnp.asarray([-1, 2, 0]), method=fractal.FractalModel.label_condition)
   np.testing.assert_array_equal(cond[0], params["fake_latent"][0])
   np.testing.assert_array_equal(cond[1:], params["class_emb"]["embedding"][jnp.asarray([2, 0])])
+
+
+def test_loaded_sampler_batches_equal_one_sample_call(sampling_models):
+  """A run of 5 images in padded batches of 2 (ids 0..4) gives the images of one checked call of all 5."""
+  s, model, params, num_iter = sampling_models["mar_guiding_4"]
+  sample_cfg = base_config().sample
+  sample_cfg.update(num_iter=num_iter, cfg=2.0, temperature=1.1, filter_threshold=1e-3)
+  ready = loaded.from_params(s, sample_cfg, params, mesh.make_mesh(), batch_size=2)
+  labels, key = np.asarray([4, -1, 0, 6, 2], np.int32), jax.random.key(5)
+  batches = [np.asarray(ready(labels[first : first + 2], first, key)[0]) for first in range(0, 5, 2)]
+  assert ready.batch_size == 2 and batches[-1].shape[0] == 2  # the last batch is padded
+  plan = sampler.make_plan(s, num_iter, cfg=2.0)
+  expected, _ = sampler.sample(model, params, labels, key, plan, cfg=2.0, temperature=1.1, filter_threshold=1e-3)
+  np.testing.assert_array_equal(np.concatenate(batches)[:5], expected)
