@@ -136,10 +136,10 @@ def run_nll(config) -> None:
   nll_mode.run(config, _CHECKPOINT.value, _OUTPUT.value, _WEIGHTS.value)
 
 
-def _fid_request():
+def run_fid(config) -> None:
   from fractal_jax.modes import fid as fid_mode
 
-  return fid_mode.FidRequest(
+  request = fid_mode.FidRequest(
     checkpoint=_CHECKPOINT.value,
     num_images=_NUM_IMAGES.value,
     seed=_SEED.value,
@@ -150,20 +150,15 @@ def _fid_request():
     write_images=_WRITE_IMAGES.value,
     adm_npz=_ADM_NPZ.value,
     weights=_WEIGHTS.value,
-    split=_SPLIT.value,
   )
-
-
-def run_fid(config) -> None:
-  from fractal_jax.modes import fid as fid_mode
-
-  fid_mode.run_fid(config, _fid_request())
+  fid_mode.run(config, request)
 
 
 def run_ref_stats(config) -> None:
-  from fractal_jax.modes import fid as fid_mode
+  from fractal_jax.modes import ref_stats as ref_stats_mode
 
-  fid_mode.run_ref_stats(config, _fid_request())
+  request = ref_stats_mode.RefStatsRequest(inception=_INCEPTION.value, output=_OUTPUT.value, split=_SPLIT.value)
+  ref_stats_mode.run(config, request)
 
 
 MODES: dict[str, Callable] = {

@@ -1,6 +1,7 @@
 """Run by tests/test_sharding.py in a subprocess with 8 simulated CPU devices.
 
-Samples the same images on one device and sharded over an 8-device mesh,
+Samples the same images on one device and sharded over an 8-device mesh
+(with `sampler.sample`, and with the ahead-of-time compiled `loaded` sampler),
 and checks that they are identical. Exits non-zero on a mismatch.
 """
 
@@ -18,9 +19,10 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models  # noqa: E402
 
+from fractal_jax.config import base_config  # noqa: E402
 from fractal_jax.model import fractal  # noqa: E402
 from fractal_jax.parallel import mesh  # noqa: E402
-from fractal_jax.sampling import sampler  # noqa: E402
+from fractal_jax.sampling import loaded, sampler  # noqa: E402
 
 
 def main() -> None:
@@ -36,6 +38,13 @@ def main() -> None:
   assert len(sharded.sharding.device_set) == 8, sharded.sharding
   np.testing.assert_array_equal(np.asarray(single), np.asarray(sharded))
   np.testing.assert_array_equal(np.asarray(single_frames), np.asarray(sharded_frames))
+  sample_cfg = base_config().sample
+  sample_cfg.update(num_iter=(4, 3), cfg=2.0)
+  ready = loaded.from_params(s, sample_cfg, params, device_mesh, batch_size=5, record_frames=True)  # rounded to 8
+  compiled, compiled_frames = ready(np.asarray(labels[:5]), 0, jax.random.key(3))
+  assert ready.batch_size == 8 and len(compiled.sharding.device_set) == 8, compiled.sharding
+  np.testing.assert_array_equal(np.asarray(compiled)[:5], np.asarray(single)[:5])
+  np.testing.assert_array_equal(np.asarray(compiled_frames)[:, :5], np.asarray(single_frames)[:, :5])
   try:
     sampler.sample(model, params, labels[:6], jax.random.key(3), plan, cfg=2.0, mesh=device_mesh)
   except sampler.SampleError as error:

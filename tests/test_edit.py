@@ -9,7 +9,7 @@ import pytest
 import tiny_models
 
 from fractal_jax.model import fractal
-from fractal_jax.sampling import mar_schedule, sampler
+from fractal_jax.sampling import editing, mar_schedule, sampler
 
 # family -> num_iter; AR, MAR with a guiding pixel over 4 levels, and both mixes.
 EDIT_FAMILIES = {"ar_ar": (6, 4), "mar_guiding_4": (3, 2, 2), "ar_over_mar": (2, 4), "mar_over_ar": (4, 3)}
@@ -90,7 +90,7 @@ def test_ar_edit_of_a_generation_prefix_reproduces_the_sample(edit_models):
 
 
 def test_edit_schedules_run_over_the_unknown_patches():
-  lo, hi, progress, steps = sampler.edit_schedules(16, 6)
+  lo, hi, progress, steps = editing.edit_schedules(16, 6)
   plain = mar_schedule.mar_schedule(16, 6)
   assert steps[16] == 6 and tuple(lo[16]) == plain.lo and tuple(hi[16]) == plain.hi
   assert steps[0] == 0 and steps[1] == 1 and steps[8] == 3  # T_U = min(U, ceil(T * U / L))

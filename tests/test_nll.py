@@ -11,7 +11,7 @@ import pytest
 import tiny_models
 
 from fractal_jax.evaluation import nll
-from fractal_jax.model import fractal
+from fractal_jax.model import fractal, pixel_head
 
 
 def test_uniform_pixel_head_gives_exactly_8_bits_per_dim():
@@ -40,7 +40,7 @@ def test_multi_pass_estimate_is_unbiased_on_a_2x2_image():
   def loss_with_mask(mask):
     rngs = fractal.make_rngs(jax.random.key(0))
     _, aux = model.apply(
-      {"params": params}, nll.train_step.normalize(image), labels, train=False, masks=[mask], rngs=rngs
+      {"params": params}, pixel_head.normalize_uint8(image), labels, train=False, masks=[mask], rngs=rngs
     )
     return aux["pixel_loss"]
 

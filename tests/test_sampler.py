@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 import tiny_models
 
+from fractal_jax.config import base_config
 from fractal_jax.model import fractal, patches
-from fractal_jax.sampling import chunking, mar_schedule, sampler
+from fractal_jax.parallel import mesh
+from fractal_jax.sampling import chunking, draws, loaded, mar_schedule, recursion, sampler
+
+# jax.monitoring events recorded for every traced function and every compiled program.
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
 def official_schedule(seq_len: int, num_iter: int) -> list[tuple[set, float]]:
@@ -99,7 +105,7 @@ def test_inverse_cdf_categorical_on_hand_made_logits():
   probs = np.asarray([0.1, 0.0, 0.25, 0.65], np.float32)
   uniform = np.linspace(0.0, 0.999, 1000, dtype=np.float32)
   logits = jnp.log(jnp.broadcast_to(jnp.asarray(probs), (1000, 4)))
-  ids = np.asarray(sampler.categorical(logits, jnp.asarray(uniform)))
+  ids = np.asarray(draws.categorical(logits, jnp.asarray(uniform)))
   np.testing.assert_array_equal(ids, np.searchsorted(np.cumsum(probs), uniform, side="right"))
   assert 1 not in ids  # probability 0 is never drawn
   np.testing.assert_allclose(np.bincount(ids, minlength=4) / 1000, probs, atol=2e-3)
@@ -138,7 +144,7 @@ def test_images_do_not_depend_on_the_call_sizes():
 def test_guidance_filter_rule_on_hand_made_logits():
   cond = jnp.log(jnp.asarray([[0.7, 0.29999, 0.00001]]))
   uncond = jnp.asarray([[0.0, 1.0, 5.0]])
-  out = np.asarray(sampler.guided_logits(cond, uncond, jnp.float32(2.0), jnp.float32(1e-4)))
+  out = np.asarray(draws.guided_logits(cond, uncond, jnp.float32(2.0), jnp.float32(1e-4)))
   # Token 2 is below the threshold: its unconditional logit is lifted to
   # max(5, c2 - max(c) + max(u)) = max(5, log(1e-5) - log(0.7) + 5) = 5 (unchanged here);
   # tokens 0 and 1 keep u.
@@ -147,7 +153,7 @@ def test_guidance_filter_rule_on_hand_made_logits():
   np.testing.assert_allclose(out[0], expected_uncond + 2.0 * (np.asarray(cond[0]) - expected_uncond), rtol=1e-6)
   # With the filter the low-probability token cannot be boosted by a large unconditional logit:
   low_uncond = jnp.asarray([[0.0, 1.0, -20.0]])
-  out = np.asarray(sampler.guided_logits(cond, low_uncond, jnp.float32(2.0), jnp.float32(1e-4)))
+  out = np.asarray(draws.guided_logits(cond, low_uncond, jnp.float32(2.0), jnp.float32(1e-4)))
   lifted = float(cond[0, 2] - cond[0].max() + 1.0)
   np.testing.assert_allclose(out[0, 2], lifted + 2.0 * (float(cond[0, 2]) - lifted), rtol=1e-5)
 
@@ -244,18 +250,36 @@ def test_guidance_scale_one_equals_unguided(sampling_models):
   # The guided program (doubled batch) at scale 1: u + 1 * (c - u) = c. The filter only changes u.
   guided_plan = sampler.make_plan(s, num_iter, cfg=2.0)
   hyper_one = sampler.Hyper(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(1e-4))
-  doubled = sampler._sample_jit(s, guided_plan, None, params, labels, jnp.arange(2), jax.random.key(4), hyper_one)[0]
+  run = sampler.compile_sample(s, guided_plan, params, batch_size=2)
+  doubled = run(params, labels, jnp.arange(2, dtype=jnp.int32), jax.random.key(4), hyper_one)[0]
   np.testing.assert_array_equal(plain, doubled)
 
 
 def test_one_trace_for_repeated_calls(sampling_models):
+  """New labels, keys and run-time scalars reuse the compiled program: no tracing, no compiling."""
   s, model, params, num_iter = sampling_models["ar_ar"]
   plan = sampler.make_plan(s, num_iter, cfg=3.0)
   sampler.sample(model, params, jnp.asarray([0, 1]), jax.random.key(0), plan, cfg=3.0)
-  before = sampler.TRACE_COUNT[0]
-  for seed in range(3):
-    sampler.sample(model, params, jnp.asarray([2, 3]), jax.random.key(seed), plan, cfg=3.0, temperature=1.1)
-  assert sampler.TRACE_COUNT[0] == before
+  events = []
+
+  def listen(event: str, duration: float, **kwargs) -> None:
+    if event in (TRACE_EVENT, COMPILE_EVENT):
+      events.append((event, kwargs.get("fun_name")))
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    for seed in range(3):
+      sampler.sample(model, params, jnp.asarray([2, 3]), jax.random.key(seed), plan, cfg=3.0, temperature=1.1)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert events == []
+  # The listener hears a new program: a batch size not sampled before traces and compiles the sampler.
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    sampler.sample(model, params, jnp.asarray([2, 3, 4, 5]), jax.random.key(0), plan, cfg=3.0)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert (TRACE_EVENT, "_sample_sharded") in events  # (its compilation may come from the persistent cache)
 
 
 def test_frames_record_each_level0_step(sampling_models):
@@ -281,7 +305,7 @@ def test_bad_sampling_inputs(sampling_models):
 
 def test_unpatchify_of_patch_vectors_roundtrip():
   items = jax.random.normal(jax.random.key(0), (5, 2, 2, 3))
-  vectors = sampler._patch_vectors(items)
+  vectors = recursion.patch_vectors(items)
   np.testing.assert_array_equal(patches.patches_as_images(vectors[None], 2), items)
 
 
@@ -304,3 +328,24 @@ def test_cached_pixel_head_equals_teacher_forcing(family):
     return jnp.stack(out, axis=1)
 
   np.testing.assert_allclose(jax.jit(decode)(params), forced, rtol=1e-5, atol=1e-5)
+
+
+def test_label_condition_maps_minus_one_to_the_fake_latent(sampling_models):
+  s, model, params, _ = sampling_models["mar_mar"]
+  cond = model.apply({"params": params}, jnp.asarray([-1, 2, 0]), method=fractal.FractalModel.label_condition)
+  np.testing.assert_array_equal(cond[0], params["fake_latent"][0])
+  np.testing.assert_array_equal(cond[1:], params["class_emb"]["embedding"][jnp.asarray([2, 0])])
+
+
+def test_loaded_sampler_batches_equal_one_sample_call(sampling_models):
+  """A run of 5 images in padded batches of 2 (ids 0..4) gives the images of one checked call of all 5."""
+  s, model, params, num_iter = sampling_models["mar_guiding_4"]
+  sample_cfg = base_config().sample
+  sample_cfg.update(num_iter=num_iter, cfg=2.0, temperature=1.1, filter_threshold=1e-3)
+  ready = loaded.from_params(s, sample_cfg, params, mesh.make_mesh(), batch_size=2)
+  labels, key = np.asarray([4, -1, 0, 6, 2], np.int32), jax.random.key(5)
+  batches = [np.asarray(ready(labels[first : first + 2], first, key)[0]) for first in range(0, 5, 2)]
+  assert ready.batch_size == 2 and batches[-1].shape[0] == 2  # the last batch is padded
+  plan = sampler.make_plan(s, num_iter, cfg=2.0)
+  expected, _ = sampler.sample(model, params, labels, key, plan, cfg=2.0, temperature=1.1, filter_threshold=1e-3)
+  np.testing.assert_array_equal(np.concatenate(batches)[:5], expected)

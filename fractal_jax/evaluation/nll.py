@@ -29,9 +29,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from tqdm import tqdm
 
-from fractal_jax.model import fractal
+from fractal_jax.model import fractal, pixel_head
 from fractal_jax.parallel import mesh as mesh_lib
-from fractal_jax.train import step as train_step
 
 LN2 = math.log(2.0)
 
@@ -56,7 +55,7 @@ def per_image_losses(
 
   def one(image: jax.Array, image_id: jax.Array) -> dict[str, jax.Array]:
     rngs = fractal.make_rngs(jax.random.fold_in(key, image_id))
-    _, aux = model.apply({"params": params}, train_step.normalize(image[None]), labels, train=False, rngs=rngs)
+    _, aux = model.apply({"params": params}, pixel_head.normalize_uint8(image[None]), labels, train=False, rngs=rngs)
     return {k: v for k, v in aux.items() if k in ("loss", "pixel_loss") or k.startswith("guide_loss_")}
 
   out = jax.vmap(one)(images, image_ids)

@@ -113,6 +113,11 @@ class FractalModel(nn.Module):
       emb = jnp.where(dropped[:, None], fake, emb)
     return emb
 
+  def label_condition(self, labels: jax.Array) -> jax.Array:
+    """Level-0 condition [B, D0] float32 of labels int [B] in -1..C-1: the class embedding, `fake_latent` for -1."""
+    fake = jnp.broadcast_to(self.fake_latent.astype(jnp.float32), (labels.shape[0], self.settings.class_width))
+    return jnp.where((labels < 0)[:, None], fake, self.class_condition(jnp.maximum(labels, 0), drop=False))
+
   def __call__(
     self,
     images: jax.Array,

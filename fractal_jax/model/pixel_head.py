@@ -55,6 +55,20 @@ def ids_to_pixels(ids: jax.Array) -> jax.Array:
   return (ids.astype(jnp.float32) / 255.0 - mean) / std
 
 
+def normalize_uint8(images: jax.Array) -> jax.Array:
+  """uint8 [..., 3] (what the input pipeline ships) -> ImageNet-normalised float32; float input passes through."""
+  if images.dtype == jnp.uint8:
+    return ids_to_pixels(images)
+  return images
+
+
+def to_uint8(images: jax.Array) -> jax.Array:
+  """ImageNet-normalised float [..., 3] -> uint8 pixel values (rounded, clipped): the inverse of `normalize_uint8`."""
+  mean = jnp.asarray(PIXEL_MEAN, jnp.float32)
+  std = jnp.asarray(PIXEL_STD, jnp.float32)
+  return jnp.clip(jnp.round((images * std + mean) * 255.0), 0, 255).astype(jnp.uint8)
+
+
 class PixelHead(nn.Module):
   """Call: (cond [N, Dc], ids [N, 3] int) -> logits [N, 3, 256] float32.
 

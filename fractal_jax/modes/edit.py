@@ -1,8 +1,8 @@
 """`--mode=edit`: regenerate part of an image (inpainting, outpainting, uncropping, class-conditional editing).
 
 The model keeps the known pixels bit-exact and samples the others
-conditioned on them, level by level (`sampler` module docstring: how AR and
-MAR levels use what is known). `--num_samples=K` variants come from one
+conditioned on them, level by level (`sampling.recursion` module docstring:
+how AR and MAR levels use what is known). `--num_samples=K` variants come from one
 compiled, batched call; variant k uses `fold_in(key(seed), k)`.
 
 Masks: white (255) = regenerate, black (0) = keep; an explicit `--mask`
@@ -21,16 +21,14 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from fractal_jax.io import images as image_io
-from fractal_jax.io import model_checkpoint as checkpoint_io
 from fractal_jax.model import settings as model_config
-from fractal_jax.modes import sample as sample_mode
-from fractal_jax.parallel import mesh as mesh_lib
-from fractal_jax.sampling import sampler
+from fractal_jax.sampling import loaded
+from fractal_jax.sampling.from_config import parse_label_list, plan_from_config
+from fractal_jax.sampling.sampler import check_known
 
 PRESETS = ("inpaint", "outpaint", "uncrop")
 MASK_GRAY = 128  # regenerated pixels in the "input" picture of the output grid
@@ -105,7 +103,7 @@ def edit_labels(labels: str | None, num_samples: int, num_classes: int) -> np.nd
   """--labels: one class for every variant or one per variant; none: the "no class" condition (-1)."""
   if not labels:
     return np.full(num_samples, -1, np.int32)
-  parsed = sample_mode.parse_label_list(labels, num_classes)
+  parsed = parse_label_list(labels, num_classes)
   if len(parsed) == 1:
     return np.repeat(parsed, num_samples)
   if len(parsed) != num_samples:
@@ -134,7 +132,7 @@ def run(config: Any, request: EditRequest) -> np.ndarray:
     raise model_config.ConfigError("nothing to write: give --output=grid.png, --output_dir=<dir> and/or --gif=<path>")
   if request.num_samples < 1:
     raise model_config.ConfigError(f"--num_samples must be >= 1, got {request.num_samples}")
-  plan = sample_mode.plan_from_config(model_settings, config.sample, record_frames=bool(request.gif))
+  plan_from_config(model_settings, config.sample)  # check config.sample before the files (the plan is built below)
   labels = edit_labels(request.labels, request.num_samples, model_settings.num_classes)
   image = read_image(request.image, side)
   regenerate = read_mask(request.mask, side) if request.mask else preset_mask(request.edit, side)
@@ -143,27 +141,19 @@ def run(config: Any, request: EditRequest) -> np.ndarray:
     f"({'--mask ' + request.mask if request.mask else 'preset ' + request.edit}), {request.num_samples} variant(s), "
     f"labels {labels.tolist()}"
   )
-  device_mesh = mesh_lib.make_mesh(config.mesh_shape)
-  per_step = mesh_lib.batch_size_per_step(device_mesh)
-  batch = -(-request.num_samples // per_step) * per_step
-  params = checkpoint_io.load_params(request.checkpoint, config.model, weights=request.weights)
-  params = jax.device_put(params, mesh_lib.replicated(device_mesh))
-  start = time.perf_counter()
-  compiled = sampler.compile_sample(model_settings, plan, params, batch, device_mesh, edit=True)
-  compile_seconds = time.perf_counter() - start
-  print(f"compiled in {compile_seconds:.1f} s")
-  padded = np.concatenate([labels, np.full(batch - len(labels), labels[-1], np.int32)])
-  known = sampler.check_known(
+  sampler = loaded.from_checkpoint(
+    config, request.checkpoint, request.num_samples, weights=request.weights, record_frames=bool(request.gif), edit=True
+  )
+  print(f"compiled in {sampler.compile_seconds:.1f} s")
+  batch = sampler.batch_size
+  known = check_known(
     np.broadcast_to(image, (batch, side, side, 3)), np.broadcast_to(~regenerate, (batch, side, side)), batch, side
   )
-  hyper = sampler.Hyper(
-    jnp.float32(config.sample.cfg), jnp.float32(config.sample.temperature), jnp.float32(config.sample.filter_threshold)
-  )
   start = time.perf_counter()
-  ids = jnp.arange(batch, dtype=jnp.int32)
-  out, frames = compiled(params, jnp.asarray(padded), ids, jax.random.key(request.seed), hyper, known)
+  out, frames = sampler(labels, 0, jax.random.key(request.seed), known)
   variants = np.asarray(out)[: request.num_samples]
-  print(f"{len(variants)} variant(s) in {time.perf_counter() - start:.1f} s (compile {compile_seconds:.1f} s)")
+  seconds = time.perf_counter() - start
+  print(f"{len(variants)} variant(s) in {seconds:.1f} s (compile {sampler.compile_seconds:.1f} s)")
   if request.output:
     row = np.concatenate([masked_picture(image, regenerate)[None], variants])
     columns = len(row) if len(row) <= 9 else None  # one row for a few variants

@@ -35,11 +35,8 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, ema: bool =
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), ema_params)
 
 
-def normalize(images: jax.Array) -> jax.Array:
-  """uint8 [B, S, S, 3] (what the input pipeline ships) -> ImageNet-normalised float32; floats pass through."""
-  if images.dtype == jnp.uint8:
-    return pixel_head.ids_to_pixels(images)
-  return images
+# uint8 images (what the input pipeline ships) -> ImageNet-normalised float32, beside its inverse in `pixel_head`.
+normalize = pixel_head.normalize_uint8
 
 
 def _loss_and_grads(

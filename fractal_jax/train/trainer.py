@@ -50,10 +50,9 @@ from fractal_jax.io import images as image_io
 from fractal_jax.io import model_checkpoint as checkpoint_io
 from fractal_jax.model import fractal
 from fractal_jax.model import settings as model_config
-from fractal_jax.modes import sample as sample_mode
 from fractal_jax.parallel import mesh as mesh_lib
 from fractal_jax.parallel import sharding
-from fractal_jax.sampling import sampler
+from fractal_jax.sampling import from_config, loaded
 from fractal_jax.train import metrics as metrics_io
 from fractal_jax.train import optimizer
 from fractal_jax.train import state_checkpoint as train_checkpoints
@@ -110,11 +109,10 @@ def prepare(config: Any, workdir: str) -> Plan:
   if batch % jax.process_count():
     raise model_config.ConfigError(f"config.train.global_batch={batch} is not divisible by {jax.process_count()} hosts")
   if train_cfg.eval_every_steps > 0 and train_cfg.eval_num_samples > 0:
-    sample_mode.plan_from_config(model_settings, config.sample)  # a bad config.sample fails now, not at step N
+    from_config.plan_from_config(model_settings, config.sample)  # a bad config.sample fails now, not at step N
   extractor = None
   if train_cfg.eval_fid_stats:
-    from fractal_jax.evaluation import image_metrics, inception
-    from fractal_jax.modes import fid as fid_mode
+    from fractal_jax.evaluation import fid, image_metrics, inception
 
     if train_cfg.eval_num_samples < 2:
       raise model_config.ConfigError("config.train.eval_fid_stats needs config.train.eval_num_samples >= 2")
@@ -122,7 +120,7 @@ def prepare(config: Any, workdir: str) -> Plan:
       image_metrics.load_reference_stats(train_cfg.eval_fid_stats, dim=inception.POOL_DIM)
     except ValueError as error:
       raise model_config.ConfigError(f"config.train.eval_fid_stats: {error}") from None
-    extractor = fid_mode.Extractor(train_cfg.eval_inception or None)
+    extractor = fid.Extractor(train_cfg.eval_inception or None)
   train_source = input_pipeline.make_source(config.data, config.data.train_split)
   eval_source = None
   if train_cfg.eval_every_steps > 0:
@@ -223,7 +221,7 @@ def evaluate(plan: Plan, params: Any, model: fractal.FractalModel, step: int, wr
     results.update({f"eval/{k}": v for k, v in figures.items()})
   num_samples = int(config.train.eval_num_samples)
   if num_samples > 0:
-    samples = sample_images(plan, model, params, num_samples)
+    samples = sample_images(plan, params, num_samples)
     if jax.process_index() == 0:
       grid_path = plan.workdir / f"samples_{step:07d}.png"
       image_io.save_grid(samples, grid_path)
@@ -245,38 +243,26 @@ def evaluate(plan: Plan, params: Any, model: fractal.FractalModel, step: int, wr
 
 def small_fid(plan: Plan, samples: np.ndarray) -> float:
   """FID of the periodic evaluation's samples against `config.train.eval_fid_stats` (few samples: biased up)."""
-  from fractal_jax.evaluation import image_metrics, inception
-  from fractal_jax.modes import fid as fid_mode
+  from fractal_jax.evaluation import fid, image_metrics, inception
 
   if plan.extractor is None:
-    plan.extractor = fid_mode.Extractor(plan.config.train.eval_inception or None)
+    plan.extractor = fid.Extractor(plan.config.train.eval_inception or None)
   reference = image_metrics.load_reference_stats(plan.config.train.eval_fid_stats, dim=inception.POOL_DIM)
   pool = np.asarray(plan.extractor(jax.numpy.asarray(samples))["pool"])
   return image_metrics.frechet_distance_to_features(pool, *reference)
 
 
-def sample_images(plan: Plan, model: fractal.FractalModel, params: Any, num_images: int) -> np.ndarray:
+def sample_images(plan: Plan, params: Any, num_images: int) -> np.ndarray:
   """`num_images` class-balanced samples (image i of class i mod C) with `config.sample`, uint8 [N, S, S, 3]."""
   sample_cfg = plan.config.sample
-  per_step = mesh_lib.batch_size_per_step(plan.mesh)
-  batch = -(-min(int(sample_cfg.batch_size), num_images) // per_step) * per_step
-  sample_plan = sample_mode.plan_from_config(plan.model_settings, sample_cfg)
+  batch_size = min(int(sample_cfg.batch_size), num_images)
+  sampler = loaded.from_params(plan.model_settings, sample_cfg, params, plan.mesh, batch_size)
+  batch = sampler.batch_size
   labels = (np.arange(num_images + batch) % plan.model_settings.num_classes).astype(np.int32)
   key = jax.random.key(plan.config.seed + 2)
   out = []
   for first in range(0, num_images, batch):
-    images, _ = sampler.sample(
-      model,
-      params,
-      labels[first : first + batch],
-      key,
-      sample_plan,
-      cfg=float(sample_cfg.cfg),
-      temperature=float(sample_cfg.temperature),
-      filter_threshold=float(sample_cfg.filter_threshold),
-      image_ids=np.arange(first, first + batch, dtype=np.int32),
-      mesh=plan.mesh,
-    )
+    images, _ = sampler(labels[first : first + batch], first, key)
     out.append(np.asarray(multihost_utils.process_allgather(images, tiled=True)))
   return np.concatenate(out)[:num_images]
 
