@@ -98,8 +98,6 @@ def prepare(config: Any, workdir: str) -> Plan:
       f"config.train.global_batch={batch} (micro-batches of {batch // accum}) is not a multiple of the {per_step} "
       f"devices of the mesh's data x fsdp axes {dict(device_mesh.shape)}; use a multiple of {per_step * accum}"
     )
-  # The loss compacts the items below MAR levels per batch shard, so that its sorts and gathers stay on-device.
-  model_settings = dataclasses.replace(model_settings, item_groups=per_step)
   if batch % jax.process_count():
     raise model_config.ConfigError(f"config.train.global_batch={batch} is not divisible by {jax.process_count()} hosts")
   if train_cfg.eval_every_steps > 0 and train_cfg.eval_num_samples > 0:
@@ -356,7 +354,16 @@ def train(config: Any, workdir: str, stop_at_step: int = 0) -> dict[str, float]:
   batch_sharding = NamedSharding(plan.mesh, mesh_lib.batch_spec())
   step_fn = jax.jit(
     lambda s, x, y: train_step.train_step(
-      model, tx, s, x, y, run_key, accum_steps=train_cfg.grad_accum_steps, ema_decay=train_cfg.ema_decay or 0.9999
+      model,
+      tx,
+      s,
+      x,
+      y,
+      run_key,
+      accum_steps=train_cfg.grad_accum_steps,
+      ema_decay=train_cfg.ema_decay or 0.9999,
+      # The loss compacts the items below MAR levels per batch shard, so that its sorts and gathers stay on-device.
+      batch_shards=mesh_lib.batch_size_per_step(plan.mesh),
     ),
     in_shardings=(state_shardings, batch_sharding, batch_sharding),
     out_shardings=(state_shardings, replicated),
