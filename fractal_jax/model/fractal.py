@@ -21,9 +21,9 @@ patch down, as in the official code.
 
 How the items below a level are arranged and run is the loss's one hook,
 an `ItemArrangement`. The default, `EveryItem`, sends every item down in
-raster order with its weight. The training step passes
-`fractal_jax.train.compaction.CompactedItems`, which runs the weighted items
-first and skips most of the padding, with the same loss and gradients.
+raster order with its weight. The training step passes `CompactedItems`
+(the training package's `compaction`), which runs the weighted items first
+and skips most of the padding, with the same loss and gradients.
 
 Randomness uses four rng streams (`RNG_STREAMS`): "dropout", "mask" (MAR
 masks), "noise" (the pixel-target tie-breaking noise) and "labels" (label
