@@ -67,15 +67,7 @@ flags.mark_flags_as_required(["config"])
 def run_summary(config) -> None:
   from fractal_jax.modes import summary  # imports jax: keep `--help` fast
 
-  model_settings = model_config.settings(config.model)
-  rows = summary.summarize(model_settings, with_flops=not _NO_FLOPS.value)
-  side = model_settings.img_size
-  print(
-    f"fractal model: {side}x{side} images, {len(model_settings.levels) + 1} levels, "
-    f"{model_settings.num_classes} classes, compute {model_settings.dtype}"
-  )
-  print(summary.format_table(rows))
-  print(f"parameters: {rows[-1].params:,}")
+  summary.print_summary(model_config.settings(config.model), with_flops=not _NO_FLOPS.value)
 
 
 def run_sample(config) -> None:

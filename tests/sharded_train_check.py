@@ -57,8 +57,11 @@ def check_step_equals_single_device() -> None:
   assert kernel.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), kernel.spec
   replicated = mesh.replicated(device_mesh)
   batch = NamedSharding(device_mesh, mesh.batch_spec())
+  # As the trainer: the loss compacts the items of each batch shard on its own.
   sharded_step = jax.jit(
-    step, in_shardings=(shardings, batch, batch, replicated), out_shardings=(shardings, replicated)
+    functools.partial(step, batch_shards=mesh.batch_size_per_step(device_mesh)),
+    in_shardings=(shardings, batch, batch, replicated),
+    out_shardings=(shardings, replicated),
   )
   with jax.set_mesh(device_mesh):
     sharded_state, sharded_metrics = sharded_step(

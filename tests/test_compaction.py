@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -118,7 +117,8 @@ def test_compacted_training_loss_and_grads_equal_official(family, main, monkeypa
   kwargs = dict(train=True, unconditional=True, masks=masks, pixel_noise=pixel_noise, guide_noise=guide_noise)
 
   def ours(p):
-    return model.apply({"params": p}, images, labels, **kwargs, rngs=fractal.make_rngs(jax.random.key(0)))[0]
+    rngs = fractal.make_rngs(jax.random.key(0))
+    return model.apply({"params": p}, images, labels, **kwargs, arrangement=compaction.CompactedItems(), rngs=rngs)[0]
 
   def official(p):
     return tiny_models.official_style_loss(model, p, images, masks, pixel_noise, guide_noise, train=True)
@@ -131,19 +131,37 @@ def test_compacted_training_loss_and_grads_equal_official(family, main, monkeypa
 
 
 def test_compaction_groups_give_the_same_loss_and_grads(monkeypatch):
-  """Per-shard compaction (`item_groups`, one group per image here) equals one group."""
+  """Per-shard compaction (`CompactedItems.groups`, one group per image here) equals one group."""
   monkeypatch.setattr(compaction, "capacity", lambda n, kinds, lens: 2)
   s = tiny_models.settings("mar_2", attn_dropout=0.0, proj_dropout=0.0, label_drop_prob=0.0)
   params = tiny_models.init_params(s)
   images, masks, pixel_noise, _ = tiny_models.loss_inputs(s, BATCH)
   labels = jnp.arange(BATCH) % 7
 
-  def loss(settings, p):
-    return fractal.build(settings).apply(
-      {"params": p}, images, labels, train=True, masks=masks, pixel_noise=pixel_noise, rngs=fractal.make_rngs(KEY)
+  def loss(groups, p):
+    return fractal.build(s).apply(
+      {"params": p},
+      images,
+      labels,
+      train=True,
+      masks=masks,
+      pixel_noise=pixel_noise,
+      arrangement=compaction.CompactedItems(groups=groups),
+      rngs=fractal.make_rngs(KEY),
     )[0]
 
-  a, ga = jax.jit(jax.value_and_grad(functools.partial(loss, s)))(params)
-  b, gb = jax.jit(jax.value_and_grad(functools.partial(loss, dataclasses.replace(s, item_groups=BATCH))))(params)
+  a, ga = jax.jit(jax.value_and_grad(functools.partial(loss, 1)))(params)
+  b, gb = jax.jit(jax.value_and_grad(functools.partial(loss, BATCH)))(params)
   np.testing.assert_allclose(a, b, rtol=1e-6)
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), ga, gb)
+
+
+def test_arrangements_are_for_training_only():
+  """Evaluation sends every item down: the loss refuses an arrangement with train=False."""
+  s = tiny_models.settings("mar_2")
+  images, _, _, _ = tiny_models.loss_inputs(s, BATCH)
+  labels = jnp.zeros((BATCH,), jnp.int32)
+  with pytest.raises(ValueError, match="for training"):
+    fractal.build(s).apply(
+      {"params": tiny_models.init_params(s)}, images, labels, train=False, arrangement=compaction.CompactedItems()
+    )

@@ -7,8 +7,8 @@ import tiny_models
 from conftest import ROOT
 
 from fractal_jax.config import load_config_file
+from fractal_jax.model import fractal
 from fractal_jax.model import settings as model_config
-from fractal_jax.modes import summary
 
 OFFICIAL_COUNTS = {
   "fractalar_64": 442_068_224,
@@ -22,8 +22,8 @@ OFFICIAL_COUNTS = {
 @pytest.mark.parametrize("name", sorted(OFFICIAL_COUNTS))
 def test_parameter_counts_equal_official(name):
   config = load_config_file(str(ROOT / "configs" / f"{name}.py"))
-  params = summary.abstract_params(model_config.settings(config.model))
-  assert summary.count_params(params) == OFFICIAL_COUNTS[name]
+  params = fractal.abstract_params(model_config.settings(config.model))
+  assert fractal.count_params(params) == OFFICIAL_COUNTS[name]
 
 
 def test_level_layout_of_the_256_models():

@@ -9,7 +9,7 @@ import optax
 import pytest
 import tiny_models
 
-from fractal_jax.model import blocks, fractal, pixel_head
+from fractal_jax.model import block_stack, fractal, pixel_head
 
 BATCH = 3
 KEY = jax.random.key(0)
@@ -60,12 +60,12 @@ def test_scanned_equals_unscanned(family):
   labels = jnp.arange(BATCH) % 7
   kwargs = dict(train=False, unconditional=False, masks=masks, pixel_noise=pixel_noise, guide_noise=guide_noise)
   scanned = jax.jit(lambda p: fractal.build(s).apply({"params": p}, images, labels, **kwargs))(params)
-  unstacked = blocks.unstack_block_params(params)
+  unstacked = block_stack.unstack_block_params(params)
   assert "blocks_0" in unstacked["levels_0"]["layers"]
   looped = jax.jit(lambda p: fractal.build(s_loop).apply({"params": p}, images, labels, **kwargs))(unstacked)
   for key in scanned[1]:
     np.testing.assert_allclose(scanned[1][key], looped[1][key], rtol=1e-6, err_msg=key)
-  restacked = blocks.stack_block_params(unstacked)
+  restacked = block_stack.stack_block_params(unstacked)
   jax.tree.map(np.testing.assert_array_equal, restacked, params)
 
 

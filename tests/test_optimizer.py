@@ -10,7 +10,7 @@ import pytest
 import tiny_models
 
 from fractal_jax.io import torch_layout
-from fractal_jax.modes import summary
+from fractal_jax.model import fractal
 from fractal_jax.train import optimizer
 
 
@@ -18,7 +18,7 @@ from fractal_jax.train import optimizer
 def test_weight_decay_mask_matches_official_rule(family):
   """Official: no decay where `len(shape) == 1 or name.endswith('.bias')`, on the official names."""
   s = tiny_models.settings(family)
-  shapes = summary.abstract_params(s)
+  shapes = fractal.abstract_params(s)
   mask = optimizer.weight_decay_mask(shapes)
   as_arrays = jax.tree.map(lambda flag, leaf: np.full(leaf.shape, flag), mask, shapes)
   official = torch_layout.params_to_state_dict(as_arrays, s)

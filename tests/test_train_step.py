@@ -12,7 +12,7 @@ import tiny_models
 
 from fractal_jax.model import fractal
 from fractal_jax.model import settings as model_config
-from fractal_jax.train import optimizer
+from fractal_jax.train import compaction, optimizer
 from fractal_jax.train import step as train_step
 
 
@@ -69,8 +69,9 @@ def test_gradient_accumulation_equals_the_mean_over_micro_batches():
   images = tiny_models.images_8bit(jax.random.key(0), 6, s.img_size)
   labels = jnp.arange(6) % s.num_classes
   key = jax.random.key(3)
-  aux, grads = jax.jit(lambda p: train_step._accumulated(model, p, images, labels, key, 3))(params)
-  micro_step = jax.jit(lambda p, x, y, k: train_step._loss_and_grads(model, p, x, y, k))  # one compilation
+  items = compaction.CompactedItems()
+  aux, grads = jax.jit(lambda p: train_step._accumulated(model, p, images, labels, key, 3, items))(params)
+  micro_step = jax.jit(lambda p, x, y, k: train_step._loss_and_grads(model, p, x, y, k, items))  # one compilation
   parts = [micro_step(params, images[i::3], labels[i::3], jax.random.fold_in(key, i)) for i in range(3)]
   np.testing.assert_allclose(aux["loss"], np.mean([float(a["loss"]) for a, _ in parts]), rtol=1e-6)
   expected = jax.tree.map(lambda *g: sum(g) / 3, *[g for _, g in parts])

@@ -11,7 +11,6 @@ import numpy as np
 from fractal_jax.config import base_config
 from fractal_jax.model import fractal, patches, pixel_head
 from fractal_jax.model import settings as model_config
-from fractal_jax.model.settings import GUIDING_HEAD
 
 # name -> config.model overrides; every family of the official code, 2 to 4 levels.
 FAMILIES: dict[str, dict[str, Any]] = {
@@ -133,8 +132,8 @@ def official_style_loss(model, params, images, masks, pixel_noise, guide_noise, 
     if spec.guiding_pixel:
       guide = items.mean(axis=2).mean(axis=1)
       targets = pixel_head.pixel_targets(guide, guide_noise[spec.index][index])
-      logits = level.guiding_logits(conds[0], targets)
-      total += pixel_head.pixel_losses(logits, targets, GUIDING_HEAD["r_weight"], train)[0].mean()
+      logits = jnp.stack(level.guiding_channel_logits(conds[0], targets), axis=1)  # [n, 3, 256]
+      total += pixel_head.pixel_losses(logits, targets, spec.guide_head.r_weight, train)[0].mean()
     child_index = (index[:, None] * spec.seq_len + np.arange(spec.seq_len)).reshape(-1)
     if spec.kind == "ar":
       outputs = [level(level_patches, conds)]

@@ -28,9 +28,8 @@ import orbax.checkpoint as ocp
 
 from fractal_jax import config as config_files
 from fractal_jax.io import torch_layout
-from fractal_jax.model import blocks
+from fractal_jax.model import block_stack, fractal
 from fractal_jax.model import settings as model_config
-from fractal_jax.modes import summary
 
 PARAMS_ITEM = "params"
 EMA_ITEM = "ema_params"  # training checkpoints with EMA on
@@ -96,7 +95,7 @@ def save_params(directory: str | os.PathLike, params: Any, model_cfg: Any, step:
   """
   model_settings = model_config.settings(model_cfg)
   if not model_settings.scan_blocks:
-    params = blocks.stack_block_params(params)
+    params = block_stack.stack_block_params(params)
   torch_layout.check_param_shapes(params, dataclasses.replace(model_settings, scan_blocks=True))
   manager = _manager(directory, read_only=False)
   try:
@@ -220,7 +219,7 @@ def load_params(
   directory = resolve_directory(directory)
   stored = stored_model_config(directory, step)
   check_model_config(stored, model_cfg, directory)
-  target = summary.abstract_params(dataclasses.replace(model_settings, scan_blocks=True))
+  target = fractal.abstract_params(dataclasses.replace(model_settings, scan_blocks=True))
   item = {"raw": PARAMS_ITEM, "ema": EMA_ITEM}[weights]
   manager = _manager(directory, read_only=True)
   try:
@@ -240,4 +239,4 @@ def load_params(
   # orbax restores the stored shape even where the target's differs: check.
   torch_layout.check_param_shapes(params, dataclasses.replace(model_settings, scan_blocks=True))
   params = jax.tree.map(np.asarray, params)
-  return params if model_settings.scan_blocks else blocks.unstack_block_params(params)
+  return params if model_settings.scan_blocks else block_stack.unstack_block_params(params)

@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
-from fractal_jax.model.blocks import swiglu_hidden
+from fractal_jax.model.layers import swiglu_hidden
 from fractal_jax.model.pixel_head import CHANNELS, NUM_VALUES
-from fractal_jax.model.settings import GUIDING_HEAD, LevelSpec, ModelSettings
+from fractal_jax.model.settings import LevelSpec, ModelSettings, PixelHeadSpec
 
 Shape = tuple[int, ...]
 
@@ -119,7 +119,8 @@ def _blocks(block: list[TensorSpec], depth: int, scan: bool) -> list[TensorSpec]
   return out
 
 
-def _pixel_head(cond_width: int, width: int, depth: int, scan: bool) -> list[TensorSpec]:
+def _pixel_head(head: PixelHeadSpec, scan: bool) -> list[TensorSpec]:
+  cond_width, width, depth = head.cond_width, head.width, head.depth
   codebooks = [_param(f"{c}_codebook.weight", (NUM_VALUES, width), (f"{c}_codebook",)) for c in CHANNELS]
   biases = [_param(f"{c}_mlm.bias", (1, NUM_VALUES), (f"{c}_mlm_bias",)) for c in CHANNELS]
   return [
@@ -155,9 +156,8 @@ def _mar_level(spec: LevelSpec, scan: bool) -> list[TensorSpec]:
   if spec.guiding_pixel:
     out += _linear("pix_proj", 3, spec.width)
   out += [*_blocks(_timm_block(spec.width), spec.depth, scan), *_layer_norm("norm", spec.width)]
-  if spec.guiding_pixel:
-    head = _pixel_head(spec.cond_width, GUIDING_HEAD["width"], GUIDING_HEAD["depth"], scan)
-    out += _under("guiding_pixel_loss", ("guiding_pixel_loss",), head)
+  if spec.guide_head is not None:
+    out += _under("guiding_pixel_loss", ("guiding_pixel_loss",), _pixel_head(spec.guide_head, scan))
   return out
 
 
@@ -171,7 +171,7 @@ def tensor_specs(model_settings: ModelSettings) -> list[TensorSpec]:
   for spec in s.levels:
     level = _ar_level(spec, s.scan_blocks) if spec.kind == "ar" else _mar_level(spec, s.scan_blocks)
     specs += _under(".".join(["next_fractal"] * spec.index + ["generator"]), (f"levels_{spec.index}",), level)
-  pixel = _pixel_head(s.pixel.cond_width, s.pixel.width, s.pixel.depth, s.scan_blocks)
+  pixel = _pixel_head(s.pixel, s.scan_blocks)
   specs += _under(".".join(["next_fractal"] * len(s.levels)), ("pixel_head",), pixel)
   return specs
 

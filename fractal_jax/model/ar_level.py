@@ -19,7 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fractal_jax.model import blocks, rotary
+from fractal_jax.model import rotary
+from fractal_jax.model.block_stack import BlockStack
+from fractal_jax.model.blocks import KVCache, LlamaBlock
+from fractal_jax.model.layers import dense, layer_norm
 from fractal_jax.model.settings import LevelSpec
 
 
@@ -32,9 +35,9 @@ class ARLevel(nn.Module):
 
   def setup(self) -> None:
     spec = self.spec
-    self.patch_emb = blocks.dense(spec.width, ("patch", "embed"), self.dtype, self.param_dtype)
-    self.patch_emb_ln = blocks.layer_norm(self.dtype, self.param_dtype)
-    self.cond_emb = blocks.dense(spec.width, ("cond", "embed"), self.dtype, self.param_dtype)
+    self.patch_emb = dense(spec.width, ("patch", "embed"), self.dtype, self.param_dtype)
+    self.patch_emb_ln = layer_norm(self.dtype, self.param_dtype)
+    self.cond_emb = dense(spec.width, ("cond", "embed"), self.dtype, self.param_dtype)
     self.pos_embed_learned = self.param(
       "pos_embed_learned",
       nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "seq", "embed")),
@@ -42,8 +45,8 @@ class ARLevel(nn.Module):
       self.param_dtype,
     )
     block_kwargs = dict(width=spec.width, heads=spec.heads, dtype=self.dtype, param_dtype=self.param_dtype)
-    self.layers = blocks.BlockStack(blocks.LlamaBlock, block_kwargs, spec.depth, self.scan, self.remat)
-    self.norm = blocks.layer_norm(self.dtype, self.param_dtype)
+    self.layers = BlockStack(LlamaBlock, block_kwargs, spec.depth, self.scan, self.remat)
+    self.norm = layer_norm(self.dtype, self.param_dtype)
 
   def rotary_table(self) -> jax.Array:
     """[L+1, H/2, 2] float32; row 0 (condition token) is zeros."""
@@ -66,18 +69,18 @@ class ARLevel(nn.Module):
     x = jnp.concatenate([cond, x], axis=1)  # [N, L, D]
     x = x + self.pos_embed_learned[:, :length].astype(x.dtype)
     x = self.patch_emb_ln(x)
-    x = self.layers(x, self.rotary_table()[:length], deterministic)
+    x, _ = self.layers(x, rotary=self.rotary_table()[:length], deterministic=deterministic)
     return self.norm(x)
 
-  def init_cache(self, batch: int) -> blocks.KVCache:
+  def init_cache(self, batch: int) -> KVCache:
     """Empty KV cache [depth, B, L, N, H] for keys and values, in the compute dtype."""
     spec = self.spec
     shape = (spec.depth, batch, spec.seq_len, spec.heads, spec.head_dim)
-    return blocks.KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+    return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
 
   def decode_step(
-    self, cond: jax.Array, previous_patch: jax.Array, position: jax.Array, cache: blocks.KVCache
-  ) -> tuple[jax.Array, blocks.KVCache]:
+    self, cond: jax.Array, previous_patch: jax.Array, position: jax.Array, cache: KVCache
+  ) -> tuple[jax.Array, KVCache]:
     """One cached decoding step: the condition of patch `position`.
 
     Args:
@@ -93,5 +96,5 @@ class ARLevel(nn.Module):
     pos = jax.lax.dynamic_slice_in_dim(self.pos_embed_learned[0], position, 1)  # [1, D]
     token = self.patch_emb_ln(token + pos.astype(token.dtype))
     row = jax.lax.dynamic_slice_in_dim(self.rotary_table(), position, 1)  # [1, H/2, 2]
-    x, cache = self.layers(token, blocks.DecodeInputs(row, position), True, cache)
+    x, cache = self.layers(token, rotary=row, position=position, cache=cache)
     return self.norm(x)[:, 0], cache

@@ -12,10 +12,9 @@ with a written-out gradient (`_dropout_attention`) whose products XLA's CPU
 matmul library accepts.
 
 Very short sequences (the pixel heads' three tokens) take `_short_attention`,
-the same softmax written out per query and key position: on CPU XLA runs
-`dot_product_attention`'s batched 3x3 matrix products with a high cost per
-matrix, and the written-out form makes the pixel head's attention (forward
-and backward) about 3x faster.
+the same softmax written out per query and key position, because on CPU XLA
+runs `dot_product_attention`'s batched 3x3 matrix products with a high cost
+per matrix.
 """
 
 from __future__ import annotations
@@ -85,8 +84,8 @@ def _dropout_attention(
 
   A custom gradient, because autodiff's products for dK and dV contract the
   query axis of [B, N, T, S] arrays, which is not their minor axis: XLA's CPU
-  backend then falls back from its fast matmul library to a generic dot (~8%
-  of a SMALL MAR training step). Here every product's operands are laid out
+  backend then falls back from its fast matmul library to a generic dot.
+  Here every product's operands are laid out
   with the contracted axis minor (explicit transposes of the small [T, S]
   matrices).
   """

@@ -2,7 +2,7 @@
 
 Dimension letters: B images, S image side, N items at a level (an item is
 an image at level 0, a patch at level 1, a patch of a patch at level 2, ...),
-L patches per item, D width.
+L patches per item, D width, Dc condition width.
 
 Level i turns its N items into N * L items for level i+1: every patch becomes
 an item, with the level's outputs as its conditions. The recursion of the
@@ -16,28 +16,27 @@ next level's batch size varies (about 80% of B * L in training). Under
 `jax.jit` shapes are static, so every item carries a 0/1 weight: the product
 of the masks on its path (1 when every level above hid it). Each loss is the
 weighted mean over a level's items, `sum(w * loss) / sum(w)`, which is
-exactly the official mean over the items it received.
+exactly the official mean over the items it received. AR levels pass every
+patch down, as in the official code.
 
-In training, below the first MAR level, the items are sorted with the
-weighted ones first and cut at a static capacity; the rest runs only on the
-steps where some weighted item falls past it (`compaction`; exact either
-way). That saves most of the padding: ~27% of the FLOPs of the SMALL MAR
-step. Evaluation (the uniform mask hides every count from 1 to L) and
-initialisation send every item down with its weight. AR levels pass every
-patch down, as in the official code, so AR models pay nothing.
+How the items below a level are arranged and run is the loss's one hook,
+an `ItemArrangement`. The default, `EveryItem`, sends every item down in
+raster order with its weight. The training step passes `CompactedItems`
+(the training package's `compaction`), which runs the weighted items first
+and skips most of the padding, with the same loss and gradients.
 
 Randomness uses four rng streams (`RNG_STREAMS`): "dropout", "mask" (MAR
 masks), "noise" (the pixel-target tie-breaking noise) and "labels" (label
-drop). For tests and parity checks `loss` also takes explicit MAR masks and
-noise instead of drawing them.
+drop). For tests and parity checks the loss also takes explicit MAR masks
+and noise instead of drawing them.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import flax.linen as nn
 import jax
@@ -46,16 +45,56 @@ import jax.numpy as jnp
 from fractal_jax.model import masking, patches, pixel_head
 from fractal_jax.model.ar_level import ARLevel
 from fractal_jax.model.mar_level import MARLevel
-from fractal_jax.model.settings import GUIDING_HEAD, LevelSpec, ModelSettings
-from fractal_jax.train import compaction
+from fractal_jax.model.settings import LevelSpec, ModelSettings
 
 RNG_STREAMS = ("dropout", "mask", "noise", "labels")
 NUM_CONDS_FROM_CLASS = 5  # level 0 receives five identical copies of the class embedding
+
+# A level's work on N items: fn(module, inputs {name: [N, ...]}) -> outputs {name: [N, ...]}.
+LevelFn = Callable[[nn.Module, dict[str, Any]], dict[str, jax.Array]]
 
 
 def make_rngs(key: jax.Array) -> dict[str, jax.Array]:
   """One key per rng stream of the model, derived from `key`."""
   return {name: jax.random.fold_in(key, i) for i, name in enumerate(RNG_STREAMS)}
+
+
+class Items(NamedTuple):
+  """The N items of one level, in the order an `ItemArrangement` chose (raster order by default)."""
+
+  images: jax.Array  # [N, S, S, 3] float, ImageNet-normalised: images at level 0, patches below
+  conds: list[jax.Array]  # the conditions from the level above (middle first), [N, Dc] each
+  weights: jax.Array  # [N] float32: 1 when every MAR level above hid the item (it carries loss), else 0
+  ids: jax.Array  # [N] int32: the item's raster index among its level's items (for given masks and noise)
+  layout: Any = None  # what the arrangement needs to run a level on these items; None: nothing
+
+
+class ItemArrangement(Protocol):
+  """How the items below a level are arranged and run: the hook of `FractalModel.__call__`."""
+
+  def arrange(self, model: FractalModel, items: Items, levels_above: Sequence[LevelSpec]) -> Items:
+    """The items below `levels_above` (top first) as the next level will receive them (the same N items)."""
+    ...
+
+  def run(
+    self, model: FractalModel, module: nn.Module, fn: LevelFn, inputs: dict[str, Any], items: Items
+  ) -> dict[str, jax.Array]:
+    """`fn(module, inputs)` on arranged `items` (inputs [N, ...] in their order): outputs [N, ...] in that order."""
+    ...
+
+
+class EveryItem:
+  """The default arrangement: every item goes down with its weight, in raster order, and runs at once."""
+
+  def arrange(self, model: FractalModel, items: Items, levels_above: Sequence[LevelSpec]) -> Items:
+    del model, levels_above
+    return items
+
+  def run(
+    self, model: FractalModel, module: nn.Module, fn: LevelFn, inputs: dict[str, Any], items: Items
+  ) -> dict[str, jax.Array]:
+    del model, items
+    return fn(module, inputs)
 
 
 def _weighted_mean(values: jax.Array, weights: jax.Array) -> jax.Array:
@@ -128,6 +167,7 @@ class FractalModel(nn.Module):
     masks: Sequence[jax.Array | None] | None = None,
     pixel_noise: jax.Array | None = None,
     guide_noise: Sequence[jax.Array | None] | None = None,
+    arrangement: ItemArrangement | None = None,
   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The official loss of a batch.
 
@@ -148,12 +188,47 @@ class FractalModel(nn.Module):
         None to draw it.
       guide_noise: per level, None or [N_i, 3] noise of the guiding-pixel
         targets.
+      arrangement: how the items below each level are arranged and run
+        (training only; None: `EveryItem`).
 
     Returns:
       (loss, aux): the scalar total loss (pixel loss plus guiding-pixel
       losses, nats) and a dict of its parts: `pixel_loss`, `pixel_ce` [3]
       per channel, and `guide_loss_<i>` for levels with a guiding pixel.
     """
+    if arrangement is None:
+      arrangement = EveryItem()
+    elif not train:
+      raise ValueError("an item arrangement is for training: evaluation sends every item down (arrangement=None)")
+    s = self.settings
+    items = self._class_items(images, labels, train=train, unconditional=unconditional)
+    aux: dict[str, jax.Array] = {}
+    total = jnp.zeros((), jnp.float32)
+    # Each level on its items; its patches, conditioned on its outputs and weighted by its mask, are the next
+    # level's items.
+    for spec, level in zip(s.levels, self.levels):
+      inputs = self._level_inputs(spec, items, train, masks, guide_noise)
+      out = arrangement.run(self, level, functools.partial(_level_items, spec, train), inputs, items)
+      if spec.guiding_pixel:
+        aux[f"guide_loss_{spec.index}"] = _weighted_mean(out["guide_loss"], items.weights)
+        total = total + aux[f"guide_loss_{spec.index}"]
+      items = arrangement.arrange(self, _next_items(spec, items, inputs, out["middle"]), s.levels[: spec.index + 1])
+    # The pixel head on the last items: single pixels.
+    inputs = {
+      "cond": items.conds[0],
+      "pixels": items.images.reshape(items.images.shape[0], 3),
+      "noise": self._noise(pixel_noise, items.ids),
+    }
+    pixel_fn = functools.partial(_pixel_items, s.pixel.r_weight, train)
+    out = arrangement.run(self, self.pixel_head, pixel_fn, inputs, items)
+    aux["pixel_loss"] = _weighted_mean(out["loss"], items.weights)
+    aux["pixel_ce"] = _weighted_mean(out["ce"], items.weights)
+    total = total + aux["pixel_loss"]
+    aux["loss"] = total
+    return total, aux
+
+  def _class_items(self, images: jax.Array, labels: jax.Array, *, train: bool, unconditional: bool | None) -> Items:
+    """Level 0's items: the B images, each with five copies of its class condition [B, D0] and weight 1."""
     s = self.settings
     batch = images.shape[0]
     if unconditional is None:
@@ -162,52 +237,35 @@ class FractalModel(nn.Module):
     if unconditional:
       cond = jnp.broadcast_to(self.fake_latent.astype(jnp.float32), (batch, s.class_width))
     cond = cond.astype(jnp.dtype(s.dtype))
-    # The current level's items: images, conditions, 0/1 weights, raster index (for injected masks and noise).
-    items = images
-    conds = [cond] * NUM_CONDS_FROM_CLASS
     weights = jnp.ones((batch,), jnp.float32)
-    ids = jnp.arange(batch, dtype=jnp.int32)
-    layout = None  # (counts [G], main capacity C) once items are compacted: in training, below a MAR level
-    raster_items = batch
-    aux: dict[str, jax.Array] = {}
-    total = jnp.zeros((), jnp.float32)
-    for spec, level in zip(s.levels, self.levels):
-      num_items = items.shape[0]
-      inputs: dict[str, Any] = {"items": items, "conds": conds[: spec.num_conds]}
-      if spec.kind == "mar":
-        given = None if masks is None else masks[spec.index]
-        if given is None:
-          draw = masking.training_mask if train else masking.uniform_eval_mask
-          inputs["mask"] = draw(self.make_rng("mask"), num_items, spec.seq_len)
-        else:
-          given = jnp.asarray(given, bool)
-          if given.shape != (raster_items, spec.seq_len):
-            raise ValueError(
-              f"mask of level {spec.index} has shape {given.shape}, expected {(raster_items, spec.seq_len)}"
-            )
-          inputs["mask"] = given[ids]
-        if spec.guiding_pixel:
-          inputs["guide_noise"] = self._noise(None if guide_noise is None else guide_noise[spec.index], ids)
-      out = self._per_item(level, functools.partial(_level_items, spec, train), inputs, layout)
+    return Items(images, [cond] * NUM_CONDS_FROM_CLASS, weights, jnp.arange(batch, dtype=jnp.int32))
+
+  def _level_inputs(
+    self,
+    spec: LevelSpec,
+    items: Items,
+    train: bool,
+    masks: Sequence[jax.Array | None] | None,
+    guide_noise: Sequence[jax.Array | None] | None,
+  ) -> dict[str, Any]:
+    """What `_level_items` reads: the items and conditions, and for MAR levels the mask (and guide noise)."""
+    inputs: dict[str, Any] = {"items": items.images, "conds": items.conds[: spec.num_conds]}
+    if spec.kind == "mar":
+      inputs["mask"] = self._mask(spec, items, train, None if masks is None else masks[spec.index])
       if spec.guiding_pixel:
-        aux[f"guide_loss_{spec.index}"] = _weighted_mean(out["guide_loss"], weights)
-        total = total + aux[f"guide_loss_{spec.index}"]
-      next_conds = patches.neighbour_conditions(out["middle"], spec.next_num_conds)
-      hidden = inputs["mask"] if spec.kind == "mar" else jnp.ones((num_items, spec.seq_len), bool)  # AR: all go down
-      items = patches.patches_as_images(patches.patchify(items, spec.patch_size), spec.patch_size)
-      conds = [c.reshape(num_items * spec.seq_len, -1) for c in next_conds]
-      weights = (weights[:, None] * hidden).reshape(-1)
-      ids = (ids[:, None] * spec.seq_len + jnp.arange(spec.seq_len, dtype=jnp.int32)).reshape(-1)
-      raster_items *= spec.seq_len
-      if train and not self.is_initializing() and any(level.kind == "mar" for level in s.levels[: spec.index + 1]):
-        items, conds, weights, ids, layout = self._compact(items, conds, weights, ids, batch, spec.index + 1)
-    inputs = {"cond": conds[0], "pixels": items.reshape(items.shape[0], 3), "noise": self._noise(pixel_noise, ids)}
-    out = self._per_item(self.pixel_head, functools.partial(_pixel_items, s.pixel.r_weight, train), inputs, layout)
-    aux["pixel_loss"] = _weighted_mean(out["loss"], weights)
-    aux["pixel_ce"] = _weighted_mean(out["ce"], weights)
-    total = total + aux["pixel_loss"]
-    aux["loss"] = total
-    return total, aux
+        inputs["guide_noise"] = self._noise(None if guide_noise is None else guide_noise[spec.index], items.ids)
+    return inputs
+
+  def _mask(self, spec: LevelSpec, items: Items, train: bool, given: jax.Array | None) -> jax.Array:
+    """bool [N, L], True where the patch is hidden: drawn, or taken from `given` [N, L] in raster order."""
+    num_items = items.ids.shape[0]
+    if given is None:
+      draw = masking.training_mask if train else masking.uniform_eval_mask
+      return draw(self.make_rng("mask"), num_items, spec.seq_len)
+    given = jnp.asarray(given, bool)
+    if given.shape != (num_items, spec.seq_len):
+      raise ValueError(f"mask of level {spec.index} has shape {given.shape}, expected {(num_items, spec.seq_len)}")
+    return given[items.ids]
 
   def _noise(self, given: jax.Array | None, ids: jax.Array) -> jax.Array:
     """[N, 3] tie-breaking noise of the items `ids`: drawn, or taken from `given` [raster items, 3]."""
@@ -215,49 +273,20 @@ class FractalModel(nn.Module):
       return jax.random.normal(self.make_rng("noise"), (ids.shape[0], 3), jnp.float32)
     return jnp.asarray(given, jnp.float32)[ids]
 
-  def _compact(
-    self,
-    items: jax.Array,
-    conds: list[jax.Array],
-    weights: jax.Array,
-    ids: jax.Array,
-    batch: int,
-    levels_above: int,
-  ) -> tuple[jax.Array, list[jax.Array], jax.Array, jax.Array, tuple[jax.Array, int] | None]:
-    """Items with weight first, per group (`compaction`); returns them and (counts [G], main capacity C)."""
-    s = self.settings
-    groups = s.item_groups
-    kinds, seq_lens = compaction.level_kinds(s.levels[:levels_above])
-    main = compaction.capacity(batch // groups, kinds, seq_lens)
-    if main * groups == weights.shape[0]:
-      return items, conds, weights, ids, None  # not worth it at this level: every item goes on
-    order, rank, counts = compaction.compact(weights, groups)
-    take = functools.partial(compaction.gather, order=order, rank=rank)
-    return take(items), [take(c) for c in conds], take(weights), take(ids), (counts, main)
 
-  def _per_item(self, module: nn.Module, fn: Any, inputs: dict[str, Any], layout: tuple[jax.Array, int] | None) -> Any:
-    """`fn(module, inputs)`, over compacted items: the main part directly, the overflow only when needed.
+def _next_items(spec: LevelSpec, items: Items, inputs: dict[str, Any], middle: jax.Array) -> Items:
+  """The N * L items below a level: its patches, conditioned on its outputs `middle` [N, L, D].
 
-    The overflow applies an unbound copy of `module` to its parameters (read
-    from this bound module), so that gradients reach them as usual.
-    """
-    if layout is None:
-      return fn(module, inputs)
-    counts, main = layout
-    groups = counts.shape[0]
-    head, rest = compaction.split(inputs, groups, main)
-    out = fn(module, head)
-    if jax.tree.leaves(rest)[0].shape[0] == 0:
-      return out
-    unbound = module.clone(parent=None)
-
-    def run(params: Any, x: dict[str, Any], key: jax.Array) -> Any:
-      return unbound.apply({"params": params}, x, method=fn, rngs={"dropout": key})
-
-    # Without a "dropout" rng (evaluation) the levels are deterministic and ignore the key.
-    key = self.make_rng("dropout") if self.has_rng("dropout") else jax.random.key(0)
-    overflow = compaction.skippable(run, jnp.any(counts > main), module.variables["params"], rest, key)
-    return compaction.join(out, overflow, groups)
+  A patch's weight is its parent's times 1 if the level hid it (MAR; AR levels send every patch).
+  """
+  num_items = items.images.shape[0]
+  next_conds = patches.neighbour_conditions(middle, spec.next_num_conds)
+  hidden = inputs["mask"] if spec.kind == "mar" else jnp.ones((num_items, spec.seq_len), bool)
+  images = patches.patches_as_images(patches.patchify(items.images, spec.patch_size), spec.patch_size)
+  conds = [c.reshape(num_items * spec.seq_len, -1) for c in next_conds]
+  weights = (items.weights[:, None] * hidden).reshape(-1)
+  ids = (items.ids[:, None] * spec.seq_len + jnp.arange(spec.seq_len, dtype=jnp.int32)).reshape(-1)
+  return Items(images, conds, weights, ids)
 
 
 def _item_pixel_loss(
@@ -285,7 +314,7 @@ def _level_items(spec: LevelSpec, train: bool, level: nn.Module, inputs: dict[st
     # Mean colour of each item (over W, then H, as the official NCHW code).
     guide = inputs["items"].astype(jnp.float32).mean(axis=2).mean(axis=1)  # [N, 3]
     out["guide_loss"] = _item_pixel_loss(
-      level.guiding_channel_logits, inputs["conds"][0], guide, inputs["guide_noise"], GUIDING_HEAD["r_weight"], train
+      level.guiding_channel_logits, inputs["conds"][0], guide, inputs["guide_noise"], spec.guide_head.r_weight, train
     )[0]
   out["middle"] = level(level_patches, inputs["conds"], inputs["mask"], guide, deterministic=not train)
   return out
@@ -315,6 +344,12 @@ def boxed_params(model: FractalModel, key: jax.Array) -> Any:
   rngs = make_rngs(key) | {"params": key}
   images = jnp.zeros((1, side, side, 3), jnp.float32)
   return model.init(rngs, images, jnp.zeros((1,), jnp.int32), train=False)["params"]
+
+
+def abstract_params(model_settings: ModelSettings) -> Any:
+  """Parameter shapes of the whole model (a tree of `jax.ShapeDtypeStruct`), without allocating."""
+  model = build(model_settings)
+  return jax.eval_shape(lambda key: init_params(model, key), jax.random.key(0))
 
 
 def count_params(tree: Any) -> int:

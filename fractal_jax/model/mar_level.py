@@ -14,8 +14,9 @@ level's conditions (middle, top, right, bottom, left: `patches.neighbour_conditi
 
 With a guiding pixel (levels >= 1 of the 256x256 models) the level first
 models the patch's mean colour with its own pixel head (`guiding_pixel_loss`,
-width 128, depth 3, heads 4, red weight 5) conditioned on the middle
-condition; the mean enters as a token through `pix_proj`.
+`LevelSpec.guide_head`: width 128, depth 3, heads 4, red weight 5)
+conditioned on the middle condition; the mean enters as a token through
+`pix_proj`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fractal_jax.model import blocks
+from fractal_jax.model.block_stack import BlockStack
+from fractal_jax.model.blocks import TimmBlock
+from fractal_jax.model.layers import dense, layer_norm
 from fractal_jax.model.pixel_head import PixelHead
-from fractal_jax.model.settings import GUIDING_HEAD, LevelSpec
+from fractal_jax.model.settings import LevelSpec
 
 
 class MARLevel(nn.Module):
@@ -46,9 +49,9 @@ class MARLevel(nn.Module):
     self.mask_token = self.param(
       "mask_token", nn.with_logical_partitioning(init, (None, None, "embed")), (1, 1, spec.width), self.param_dtype
     )
-    self.patch_emb = blocks.dense(spec.width, ("patch", "embed"), self.dtype, self.param_dtype)
-    self.patch_emb_ln = blocks.layer_norm(self.dtype, self.param_dtype)
-    self.cond_emb = blocks.dense(spec.width, ("cond", "embed"), self.dtype, self.param_dtype)
+    self.patch_emb = dense(spec.width, ("patch", "embed"), self.dtype, self.param_dtype)
+    self.patch_emb_ln = layer_norm(self.dtype, self.param_dtype)
+    self.cond_emb = dense(spec.width, ("cond", "embed"), self.dtype, self.param_dtype)
     num_prefix = spec.num_conds + int(spec.guiding_pixel)
     self.pos_embed_learned = self.param(
       "pos_embed_learned",
@@ -56,12 +59,12 @@ class MARLevel(nn.Module):
       (1, num_prefix + spec.seq_len, spec.width),
       self.param_dtype,
     )
-    if spec.guiding_pixel:
-      self.pix_proj = blocks.dense(spec.width, ("patch", "embed"), self.dtype, self.param_dtype)
+    if spec.guide_head is not None:
+      self.pix_proj = dense(spec.width, ("patch", "embed"), self.dtype, self.param_dtype)
       self.guiding_pixel_loss = PixelHead(
-        width=GUIDING_HEAD["width"],
-        depth=GUIDING_HEAD["depth"],
-        heads=GUIDING_HEAD["heads"],
+        width=spec.guide_head.width,
+        depth=spec.guide_head.depth,
+        heads=spec.guide_head.heads,
         dtype=self.dtype,
         param_dtype=self.param_dtype,
         scan=self.scan,
@@ -76,15 +79,11 @@ class MARLevel(nn.Module):
       dtype=self.dtype,
       param_dtype=self.param_dtype,
     )
-    self.layers = blocks.BlockStack(blocks.TimmBlock, block_kwargs, spec.depth, self.scan, self.remat)
-    self.norm = blocks.layer_norm(self.dtype, self.param_dtype)
-
-  def guiding_logits(self, cond: jax.Array, ids: jax.Array) -> jax.Array:
-    """Guiding-pixel head: (middle cond [N, Dc], ids [N, 3]) -> logits [N, 3, 256]."""
-    return self.guiding_pixel_loss(cond, ids)
+    self.layers = BlockStack(TimmBlock, block_kwargs, spec.depth, self.scan, self.remat)
+    self.norm = layer_norm(self.dtype, self.param_dtype)
 
   def guiding_channel_logits(self, cond: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`guiding_logits` as three [N, 256] arrays (`PixelHead.channel_logits`)."""
+    """Guiding-pixel head: (middle cond [N, Dc], ids [N, 3] int) -> R, G, B logits, [N, 256] float32 each."""
     return self.guiding_pixel_loss.channel_logits(cond, ids)
 
   def __call__(
@@ -122,7 +121,8 @@ class MARLevel(nn.Module):
     x = x + self.pos_embed_learned.astype(x.dtype)
     x = self.patch_emb_ln(x)
     if queries is not None:
-      return self.norm(self.layers(x, None, deterministic, queries=queries + len(prefix)))
-    x = self.layers(x, None, deterministic)
+      x, _ = self.layers(x, queries=queries + len(prefix), deterministic=deterministic)
+      return self.norm(x)
+    x, _ = self.layers(x, deterministic=deterministic)
     x = self.norm(x)
     return x[:, len(prefix) :]

@@ -21,7 +21,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fractal_jax.model import blocks
+from fractal_jax.model.block_stack import BlockStack
+from fractal_jax.model.blocks import KVCache, TimmBlock
+from fractal_jax.model.layers import dense, layer_norm
 
 PIXEL_MEAN = (0.485, 0.456, 0.406)
 PIXEL_STD = (0.229, 0.224, 0.225)
@@ -97,11 +99,11 @@ class PixelHead(nn.Module):
       )
       for c in CHANNELS
     ]
-    self.cond_proj = blocks.dense(self.width, ("cond", "embed"), self.dtype, self.param_dtype)
-    self.ln = blocks.layer_norm(self.dtype, self.param_dtype)
+    self.cond_proj = dense(self.width, ("cond", "embed"), self.dtype, self.param_dtype)
+    self.ln = layer_norm(self.dtype, self.param_dtype)
     block_kwargs = dict(width=self.width, heads=self.heads, causal=True, dtype=self.dtype, param_dtype=self.param_dtype)
-    self.layers = blocks.BlockStack(blocks.TimmBlock, block_kwargs, self.depth, self.scan, self.remat)
-    self.norm = blocks.layer_norm(self.dtype, self.param_dtype)
+    self.layers = BlockStack(TimmBlock, block_kwargs, self.depth, self.scan, self.remat)
+    self.norm = layer_norm(self.dtype, self.param_dtype)
 
   def _token(self, cond: jax.Array, ids: jax.Array, position: int) -> jax.Array:
     """Input token `position` [N, W]: the condition, then the R and G embeddings."""
@@ -122,23 +124,22 @@ class PixelHead(nn.Module):
   def channel_logits(self, cond: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`__call__`'s logits as three [N, 256] arrays (R, G, B), for losses that need not stack them."""
     x = jnp.stack([self._token(cond, ids, c) for c in range(3)], axis=1)  # [N, 3, W]
-    x = self.norm(self.layers(self.ln(x)))
+    x, _ = self.layers(self.ln(x))
+    x = self.norm(x)
     return tuple(self._logits(x[:, c], c) for c in range(3))
 
-  def init_cache(self, batch: int) -> blocks.KVCache:
+  def init_cache(self, batch: int) -> KVCache:
     """Empty KV cache [depth, N, 3, heads, head_dim] for `decode`."""
     shape = (self.depth, batch, 3, self.heads, self.width // self.heads)
-    return blocks.KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+    return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
 
-  def decode(
-    self, cond: jax.Array, ids: jax.Array, channel: int, cache: blocks.KVCache
-  ) -> tuple[jax.Array, blocks.KVCache]:
+  def decode(self, cond: jax.Array, ids: jax.Array, channel: int, cache: KVCache) -> tuple[jax.Array, KVCache]:
     """Logits [N, 256] of `channel` given ids[:, :channel], adding one token to the cache.
 
     Call with channel 0, 1, 2 in order; equals `__call__(cond, ids)[:, channel]`.
     """
     x = self.ln(self._token(cond, ids, channel)[:, None])
-    x, cache = self.layers(x, jnp.int32(channel), True, cache)
+    x, cache = self.layers(x, position=jnp.int32(channel), cache=cache)
     return self._logits(self.norm(x)[:, 0], channel), cache
 
 

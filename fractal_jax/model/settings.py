@@ -39,12 +39,29 @@ REMAT_POLICIES = (
   "nothing_saveable",
   "everything_saveable",
 )
-# The guiding-pixel head is fixed in the official code, whatever the config.
-GUIDING_HEAD = dict(width=128, depth=3, heads=4, r_weight=5.0)
 
 
 class ConfigError(ValueError):
   """A model or run configuration that cannot work; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelHeadSpec:
+  """A pixel head: a causal transformer over (condition, R, G) tokens that models one pixel's R, G, B.
+
+  The last level is one; so is the guiding-pixel head of a MAR level (`LevelSpec.guide_head`).
+  """
+
+  cond_width: int  # width of the condition it receives
+  width: int
+  depth: int
+  heads: int
+  r_weight: float  # training weight of the red channel's cross-entropy (green and blue: 1)
+
+
+def guiding_head(cond_width: int) -> PixelHeadSpec:
+  """The guiding-pixel head of a MAR level, conditioned on its middle condition: fixed in the official code."""
+  return PixelHeadSpec(cond_width=cond_width, width=128, depth=3, heads=4, r_weight=5.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +78,12 @@ class LevelSpec:
   heads: int
   cond_width: int  # width of the conditions this level receives
   num_conds: int  # conditions prepended as tokens (AR always uses 1)
-  guiding_pixel: bool  # models the patch's mean colour first (MAR, levels >= 1)
   next_num_conds: int  # how many of the 5 output conditions the next level reads
+  guide_head: PixelHeadSpec | None  # models the patch's mean colour first (MAR, levels >= 1); else None
+
+  @property
+  def guiding_pixel(self) -> bool:
+    return self.guide_head is not None
 
   @property
   def grid_size(self) -> int:
@@ -75,17 +96,6 @@ class LevelSpec:
   @property
   def patch_dim(self) -> int:
     return 3 * self.patch_size**2
-
-
-@dataclasses.dataclass(frozen=True)
-class PixelHeadSpec:
-  """The last level: a causal transformer over (condition, R, G) tokens."""
-
-  cond_width: int
-  width: int
-  depth: int
-  heads: int
-  r_weight: float
 
 
 def _get(cfg: Any, name: str) -> Any:
@@ -117,6 +127,22 @@ def validate(model_cfg: Any) -> tuple[tuple[LevelSpec, ...], PixelHeadSpec]:
   Raises:
     ConfigError: naming the field at fault and how to fix it.
   """
+  fields = _per_level_fields(model_cfg)
+  num_conds, guiding_pixel = _check_scalars(model_cfg, fields["types"])
+  levels = _level_specs(fields, num_conds, guiding_pixel)
+  widths, depths, heads = fields["widths"], fields["depths"], fields["heads"]
+  pixel = PixelHeadSpec(
+    cond_width=widths[-2],
+    width=widths[-1],
+    depth=depths[-1],
+    heads=heads[-1],
+    r_weight=float(_get(model_cfg, "r_weight")),
+  )
+  return levels, pixel
+
+
+def _per_level_fields(model_cfg: Any) -> dict[str, tuple]:
+  """The per-level tuples (`img_size_list`, `widths`, `depths`, `heads`, `types`), checked."""
   img_sizes = _as_tuple("img_size_list", _get(model_cfg, "img_size_list"))
   fields = {name: _as_tuple(name, _get(model_cfg, name)) for name in ("widths", "depths", "heads", "types")}
   num_levels = len(img_sizes)
@@ -150,7 +176,7 @@ def validate(model_cfg: Any) -> tuple[tuple[LevelSpec, ...], PixelHeadSpec]:
       f"the last entry of types must be {PIXEL_TYPE!r} (the pixel head), got {types[-1]!r}. The official "
       f"code writes 'ar' there and ignores it; write {PIXEL_TYPE!r}."
     )
-  widths, depths, heads = fields["widths"], fields["depths"], fields["heads"]
+  widths, heads = fields["widths"], fields["heads"]
   for i in range(num_levels):
     if widths[i] % heads[i]:
       raise ConfigError(f"level {i}: width {widths[i]} is not divisible by heads {heads[i]}.")
@@ -160,10 +186,15 @@ def validate(model_cfg: Any) -> tuple[tuple[LevelSpec, ...], PixelHeadSpec]:
         "not divisible by 4: its 2-D rotary embedding splits each head into row and column halves of "
         "rotary pairs. Change widths or heads."
       )
+  return {"img_size_list": img_sizes, **fields}
+
+
+def _check_scalars(model_cfg: Any, types: tuple[str, ...]) -> tuple[int, bool]:
+  """Checks the model's single-valued fields; returns (num_conds, guiding_pixel)."""
   num_conds = _get(model_cfg, "num_conds")
   if not isinstance(num_conds, int) or isinstance(num_conds, bool) or not 1 <= num_conds <= MAX_CONDS:
     raise ConfigError(f"num_conds must be an integer in 1..{MAX_CONDS}, got {num_conds!r}.")
-  for i in range(1, num_levels - 1):
+  for i in range(1, len(types) - 1):
     if types[i] == "mar" and types[i - 1] == "ar" and num_conds > 1:
       raise ConfigError(
         f"level {i} is MAR with num_conds={num_conds} below an AR level: an AR level emits only the "
@@ -185,17 +216,18 @@ def validate(model_cfg: Any) -> tuple[tuple[LevelSpec, ...], PixelHeadSpec]:
     value = _get(model_cfg, name)
     if not 0.0 <= float(value) < 1.0:
       raise ConfigError(f"config.model.{name} must be in [0, 1), got {value!r}.")
+  return num_conds, guiding_pixel
 
+
+def _level_specs(fields: dict[str, tuple], num_conds: int, guiding_pixel: bool) -> tuple[LevelSpec, ...]:
+  """One `LevelSpec` per generator level, from checked per-level tuples."""
+  img_sizes, widths, depths, heads, types = (
+    fields[name] for name in ("img_size_list", "widths", "depths", "heads", "types")
+  )
   levels = []
-  for i in range(num_levels - 1):
+  for i in range(len(img_sizes) - 1):
     kind = types[i]
-    nxt = types[i + 1]
-    if nxt == PIXEL_TYPE:
-      next_num_conds = 1
-    elif nxt == "mar":
-      next_num_conds = num_conds
-    else:
-      next_num_conds = 1
+    cond_width = widths[i - 1] if i > 0 else widths[0]
     levels.append(
       LevelSpec(
         index=i,
@@ -206,20 +238,13 @@ def validate(model_cfg: Any) -> tuple[tuple[LevelSpec, ...], PixelHeadSpec]:
         width=widths[i],
         depth=depths[i],
         heads=heads[i],
-        cond_width=widths[i - 1] if i > 0 else widths[0],
+        cond_width=cond_width,
         num_conds=num_conds if kind == "mar" else 1,
-        guiding_pixel=guiding_pixel and kind == "mar" and i > 0,
-        next_num_conds=next_num_conds,
+        next_num_conds=num_conds if types[i + 1] == "mar" else 1,  # AR levels and the pixel head read one
+        guide_head=guiding_head(cond_width) if guiding_pixel and kind == "mar" and i > 0 else None,
       )
     )
-  pixel = PixelHeadSpec(
-    cond_width=widths[-2],
-    width=widths[-1],
-    depth=depths[-1],
-    heads=heads[-1],
-    r_weight=float(_get(model_cfg, "r_weight")),
-  )
-  return tuple(levels), pixel
+  return tuple(levels)
 
 
 def items_per_image(levels: Sequence[LevelSpec], level_index: int) -> int:
@@ -244,7 +269,6 @@ class ModelSettings:
   param_dtype: str
   scan_blocks: bool
   remat_policy: str
-  item_groups: int = 1  # groups of the loss's item compaction (`compaction`): the trainer uses its batch shards
 
   @property
   def img_size(self) -> int:

@@ -1,6 +1,7 @@
 """Below a MAR level: run only the items that carry loss (exactly, with static shapes).
 
-The official MAR passes only its masked patches to the level below, so that
+`CompactedItems` is the training step's `fractal.ItemArrangement`. The
+official MAR passes only its masked patches to the level below, so that
 level's batch size varies from step to step (about 80% of the patches per
 MAR level in training). Under `jax.jit` shapes are static. Running every
 patch through the levels below with weight 0 costs up to 1.56x the necessary
@@ -17,15 +18,12 @@ work at the pixel head of a two-MAR-level model. Instead the loss
 The result equals the padded computation: items of weight 0 contribute
 nothing to the loss nor to the gradient, and no item of weight > 0 is ever
 dropped. C is chosen on the host (`capacity`) to minimise the expected work,
-from simulated draws of the official training masks: for the SMALL MAR
-model at batch 16, C = 85% of the level-1 items (overflow run ~11% of steps)
-and 72% of the pixels (~4%), about 27% fewer FLOPs per step than padding.
-Evaluation masks (uniform counts) leave little to skip: no overflow there.
+from simulated draws of the official training masks. Evaluation masks
+(uniform counts) leave little to skip: evaluation sends every item down.
 
-Why not a loop over chunks of items, skipping empty ones: on CPU it was
-slower than padding, because a `lax.scan` stacks every chunk's activations
-for the backward pass (dynamic-update-slice copies, ~0.5 s of a 2.2 s SMALL
-MAR step).
+The overflow is one `lax.cond`, not a loop over chunks of items that skips
+the empty ones: a `lax.scan` over chunks stacks every chunk's activations
+for the backward pass.
 
 Groups: items are split into G equal contiguous groups, each sorted and cut
 on its own. With G = the number of batch shards every group lives on one
@@ -36,16 +34,20 @@ Dimension letters: G groups, M items per group, C main items per group.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fractal_jax.model import masking
+from fractal_jax.model.fractal import FractalModel, Items, LevelFn
+from fractal_jax.model.settings import LevelSpec
 
 SIMULATED_STEPS = 2000
 EXACT_SUMS = 4096  # sums of more per-item counts than this are drawn from their normal approximation
@@ -230,3 +232,63 @@ def skippable(fn: Callable[..., Any], run: jax.Array, params: Any, inputs: Any, 
 def level_kinds(levels: Sequence[Any]) -> tuple[tuple[str, ...], tuple[int, ...]]:
   """(kinds, seq_lens) of `LevelSpec`s, for `capacity`."""
   return tuple(spec.kind for spec in levels), tuple(spec.seq_len for spec in levels)
+
+
+@dataclasses.dataclass(frozen=True)
+class CompactedItems:
+  """The training step's `fractal.ItemArrangement`: below a MAR level, weighted items first, overflow skippable.
+
+  Per group of items (`groups` = the batch shards of the mesh), the items
+  with weight come first (`compact`); a level runs on the first `capacity`
+  items of each group directly and on the rest only when one of them has
+  weight (`skippable`). Exact: the same loss and gradients as sending every
+  item down.
+  """
+
+  groups: int = 1
+
+  def arrange(self, model: FractalModel, items: Items, levels_above: Sequence[LevelSpec]) -> Items:
+    """`items` [G * M] sorted weighted-first within each group, with layout (counts [G], main capacity C).
+
+    Unchanged (layout None) at initialisation (the overflow reads existing
+    parameters), above every MAR level (all items carry weight), and where
+    the capacity is every item (not worth it at this level).
+    """
+    if model.is_initializing() or not any(spec.kind == "mar" for spec in levels_above):
+      return items
+    kinds, seq_lens = level_kinds(levels_above)
+    num_items = items.weights.shape[0]
+    batch = num_items // math.prod(seq_lens)
+    main = capacity(batch // self.groups, kinds, seq_lens)
+    if main * self.groups == num_items:
+      return items
+    order, rank, counts = compact(items.weights, self.groups)
+    take = functools.partial(gather, order=order, rank=rank)
+    images = take(items.images)
+    conds = [take(c) for c in items.conds]
+    return Items(images, conds, take(items.weights), take(items.ids), layout=(counts, main))
+
+  def run(
+    self, model: FractalModel, module: nn.Module, fn: LevelFn, inputs: dict[str, Any], items: Items
+  ) -> dict[str, jax.Array]:
+    """`fn(module, inputs)` on compacted items: the main part directly, the overflow only when needed.
+
+    The overflow applies an unbound copy of `module` to its parameters (read
+    from the bound module), so that gradients reach them as usual.
+    """
+    if items.layout is None:
+      return fn(module, inputs)
+    counts, main = items.layout
+    head, rest = split(inputs, self.groups, main)
+    out = fn(module, head)
+    if jax.tree.leaves(rest)[0].shape[0] == 0:
+      return out
+    unbound = module.clone(parent=None)
+
+    def run(params: Any, x: dict[str, Any], key: jax.Array) -> Any:
+      return unbound.apply({"params": params}, x, method=fn, rngs={"dropout": key})
+
+    # Without a "dropout" rng (evaluation) the levels are deterministic and ignore the key.
+    key = model.make_rng("dropout") if model.has_rng("dropout") else jax.random.key(0)
+    overflow = skippable(run, jnp.any(counts > main), module.variables["params"], rest, key)
+    return join(out, overflow, self.groups)

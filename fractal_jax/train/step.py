@@ -5,6 +5,10 @@ Pure: the state is a pytree and the step's randomness is
 Sharding (jit with in/out shardings over the mesh) is applied by the caller
 (`fractal_jax.train.trainer`).
 
+The loss arranges the items below MAR levels with
+`compaction.CompactedItems`, one group per batch shard (`batch_shards`):
+the same loss and gradients as the plain recursion, with less padding.
+
 A step whose loss or gradient is not finite changes nothing: it returns the
 old state with `metrics["finite"] = False`, so the host can stop with the
 last good state (and checkpoint) intact.
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from fractal_jax.model import fractal, pixel_head
+from fractal_jax.train import compaction
 
 
 @flax.struct.dataclass
@@ -40,17 +45,31 @@ normalize = pixel_head.normalize_uint8
 
 
 def _loss_and_grads(
-  model: fractal.FractalModel, params: Any, images: jax.Array, labels: jax.Array, key: jax.Array
+  model: fractal.FractalModel,
+  params: Any,
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  arrangement: fractal.ItemArrangement,
 ) -> tuple[dict[str, jax.Array], Any]:
+  """The training loss's parts (`FractalModel.__call__`'s aux) and its gradient with respect to `params`."""
+
   def loss_fn(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
-    return model.apply({"params": p}, normalize(images), labels, train=True, rngs=fractal.make_rngs(key))
+    rngs = fractal.make_rngs(key)
+    return model.apply({"params": p}, normalize(images), labels, train=True, arrangement=arrangement, rngs=rngs)
 
   (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return aux, grads
 
 
 def _accumulated(
-  model: fractal.FractalModel, params: Any, images: jax.Array, labels: jax.Array, key: jax.Array, accum_steps: int
+  model: fractal.FractalModel,
+  params: Any,
+  images: jax.Array,
+  labels: jax.Array,
+  key: jax.Array,
+  accum_steps: int,
+  arrangement: fractal.ItemArrangement,
 ) -> tuple[dict[str, jax.Array], Any]:
   """Mean loss parts and gradients over `accum_steps` micro-batches (a `lax.scan`).
 
@@ -70,10 +89,13 @@ def _accumulated(
   def body(carry: Any, micro: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[Any, None]:
     aux_sum, grad_sum = carry
     micro_images, micro_labels, index = micro
-    aux, grads = _loss_and_grads(model, params, micro_images, micro_labels, jax.random.fold_in(key, index))
+    micro_key = jax.random.fold_in(key, index)
+    aux, grads = _loss_and_grads(model, params, micro_images, micro_labels, micro_key, arrangement)
     return (jax.tree.map(jnp.add, aux_sum, aux), jax.tree.map(jnp.add, grad_sum, grads)), None
 
-  aux_shape, _ = jax.eval_shape(lambda: _loss_and_grads(model, params, split(images)[0], split(labels)[0], key))
+  aux_shape, _ = jax.eval_shape(
+    lambda: _loss_and_grads(model, params, split(images)[0], split(labels)[0], key, arrangement)
+  )
   zeros = (jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape), jax.tree.map(jnp.zeros_like, params))
   (aux_sum, grad_sum), _ = jax.lax.scan(body, zeros, (split(images), split(labels), jnp.arange(accum_steps)))
   scale = 1.0 / accum_steps
@@ -90,6 +112,7 @@ def train_step(
   *,
   accum_steps: int = 1,
   ema_decay: float | None = None,
+  batch_shards: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One step on a batch.
 
@@ -101,6 +124,9 @@ def train_step(
       accumulation: the same update with less activation memory).
     ema_decay: decay of `state.ema_params`: required when the state has them
       (EMA on, `init_state(..., ema=True)`), None when it does not.
+    batch_shards: devices the batch is split over (`mesh.batch_size_per_step`):
+      the loss compacts the items of each shard on its own, so that the
+      sorts and gathers stay on-device (`compaction.CompactedItems`).
 
   Returns:
     (new state, metrics): `loss`, `pixel_loss`, `pixel_ce_{r,g,b}`,
@@ -115,10 +141,11 @@ def train_step(
   if state.ema_params is None and ema_decay is not None:
     raise ValueError(f"ema_decay={ema_decay} given, but the state has no EMA parameters (init_state(..., ema=False))")
   step_key = jax.random.fold_in(key, state.step)
+  arrangement = compaction.CompactedItems(groups=batch_shards)
   if accum_steps == 1:
-    aux, grads = _loss_and_grads(model, state.params, images, labels, step_key)
+    aux, grads = _loss_and_grads(model, state.params, images, labels, step_key, arrangement)
   else:
-    aux, grads = _accumulated(model, state.params, images, labels, step_key, accum_steps)
+    aux, grads = _accumulated(model, state.params, images, labels, step_key, accum_steps, arrangement)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params

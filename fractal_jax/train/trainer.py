@@ -104,8 +104,6 @@ def prepare(config: Any, workdir: str) -> Plan:
       f"config.train.global_batch={batch} (micro-batches of {batch // accum}) is not a multiple of the {per_step} "
       f"devices of the mesh's data x fsdp axes {dict(device_mesh.shape)}; use a multiple of {per_step * accum}"
     )
-  # The loss compacts the items below MAR levels per batch shard, so that its sorts and gathers stay on-device.
-  model_settings = dataclasses.replace(model_settings, item_groups=per_step)
   if batch % jax.process_count():
     raise model_config.ConfigError(f"config.train.global_batch={batch} is not divisible by {jax.process_count()} hosts")
   if train_cfg.eval_every_steps > 0 and train_cfg.eval_num_samples > 0:
@@ -360,15 +358,25 @@ def make_step_fn(
 
   The state keeps `shardings` and is donated (updated in place); images uint8 [B, S, S, 3] and labels int32 [B] are
   split over the mesh's data x fsdp axes (`batch_sharding`); the metrics (float32 scalars, `finite` bool) come back
-  replicated. The EMA decay is passed only when the state has EMA parameters.
+  replicated. The EMA decay is passed only when the state has EMA parameters. The loss compacts the items below MAR
+  levels per batch shard (`batch_shards`), so that its sorts and gathers stay on-device.
   """
   ema_decay = float(train_cfg.ema_decay) if shardings.ema_params is not None else None
+  batch_shards = mesh_lib.batch_size_per_step(batch_sharding.mesh)
 
   def step_fn(
     state: train_step.TrainState, images: jax.Array, labels: jax.Array
   ) -> tuple[train_step.TrainState, dict[str, jax.Array]]:
     return train_step.train_step(
-      model, tx, state, images, labels, run_key, accum_steps=train_cfg.grad_accum_steps, ema_decay=ema_decay
+      model,
+      tx,
+      state,
+      images,
+      labels,
+      run_key,
+      accum_steps=train_cfg.grad_accum_steps,
+      ema_decay=ema_decay,
+      batch_shards=batch_shards,
     )
 
   return jax.jit(

@@ -1,0 +1,186 @@
+"""`depth` transformer blocks applied in turn: scanned, looped over stacked parameters, or unscanned.
+
+Dimension letters: B batch, L sequence, D width, Q query positions.
+
+`BlockStack` is called like one block (`blocks` module docstring) and
+applies `depth` of them. Its parameters come in two layouts:
+  * scanned (`scan=True`): created by `nn.scan`, one `blocks` subtree whose
+    leaves have a leading `[depth]` axis. Stacks up to `LOOP_MAX_DEPTH` deep
+    apply these stacked parameters in a Python loop instead of a scan (the
+    same function: a scan's gradient keeps every layer's activations in
+    `[depth, ...]` buffers that a loop does not need); deeper stacks keep
+    the scan, whose compile time does not grow with depth.
+  * unscanned (`scan=False`): `blocks_0 .. blocks_{depth-1}`, applied in a
+    Python loop.
+`stack_block_params` / `unstack_block_params` move parameters between the
+two layouts, and both compute the same function. Blocks may be wrapped in
+`nn.remat` with a `jax.checkpoint_policies` policy chosen by name.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from fractal_jax.model.blocks import KVCache
+
+# Scanned stacks up to this depth run as a Python loop over their (still stacked) parameters.
+LOOP_MAX_DEPTH = 8
+
+
+def remat_policy(name: str) -> Any:
+  """Maps a config name to a `jax.checkpoint_policies` policy ("full" saves nothing)."""
+  if name == "full":
+    return jax.checkpoint_policies.nothing_saveable
+  return getattr(jax.checkpoint_policies, name)
+
+
+class BlockStack(nn.Module):
+  """`depth` blocks of `block_cls(**block_kwargs)`, scanned or looped (module docstring)."""
+
+  block_cls: type[nn.Module]
+  block_kwargs: Mapping[str, Any]
+  depth: int
+  scan: bool = True
+  remat: str = "none"
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    rotary: jax.Array | None = None,
+    position: jax.Array | None = None,
+    cache: KVCache | None = None,
+    queries: jax.Array | None = None,
+    deterministic: bool = True,
+  ) -> tuple[jax.Array, KVCache | None]:
+    """x [B, L, D] through every block -> (x [B, L, D] or [B, Q, D], cache).
+
+    Args:
+      x: [B, L, D] tokens.
+      rotary, position: passed unchanged to every block.
+      cache: None, or every layer's cache stacked, [depth, B, S, N, H] leaves:
+        block i gets slice i, and the returned cache stacks their updates.
+      queries: int [B, Q] (`TimmBlock` stacks): only the outputs at these
+        positions, [B, Q, D]; the last block computes just those (deep
+        scanned stacks compute all and gather).
+      deterministic: no dropout (it becomes each block's attribute).
+    """
+    block_cls = self.block_cls
+    kwargs = dict(self.block_kwargs, deterministic=deterministic)
+    # Parameters are created by nn.scan (stacked layout) but, up to LOOP_MAX_DEPTH, applied in a loop.
+    loop_scanned = self.scan and self.depth <= LOOP_MAX_DEPTH and not self.is_initializing()
+    if self.remat != "none":
+      # prevent_cse is only needed outside scan (scan already prevents CSE across steps).
+      uses_scan = self.scan and not loop_scanned
+      block_cls = nn.remat(block_cls, policy=remat_policy(self.remat), prevent_cse=not uses_scan)
+    if loop_scanned:
+      # The scanned parameters, sliced per layer and applied by a Python loop.
+      looped = nn.map_variables(_BlockLoop, "params", trans_in_fn=functools.partial(_slice_layers, depth=self.depth))
+      return looped(block_cls, kwargs, self.depth, name="blocks")(
+        x, rotary=rotary, position=position, cache=cache, queries=queries
+      )
+    if self.scan:
+      stack = nn.scan(
+        _scan_step,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(0, nn.broadcast, nn.broadcast),  # cache: sliced per layer; rotary, position: the same for all
+        length=self.depth,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x, cache = stack(block_cls(**kwargs, name="blocks"), x, cache, rotary, position)
+      if queries is not None:  # every layer scanned over all positions: gather at the end
+        x = jnp.take_along_axis(x, queries[:, :, None], axis=1)
+      return x, cache
+    make_block = lambda i: block_cls(**kwargs, name=f"blocks_{i}")  # noqa: E731
+    return _apply_in_turn(make_block, self.depth, x, rotary, position, cache, queries)
+
+
+def _scan_step(
+  block: nn.Module, x: jax.Array, cache: KVCache | None, rotary: jax.Array | None, position: jax.Array | None
+) -> tuple[jax.Array, KVCache | None]:
+  """One scanned layer: `nn.scan` passes positional arguments, blocks take keywords."""
+  return block(x, rotary=rotary, position=position, cache=cache)
+
+
+def _slice_layers(collections: Mapping[str, Any], depth: int) -> dict[str, Any]:
+  """{collection: stacked block variables ([depth, ...] leaves)} -> {collection: {`blocks_i`: slice i}}."""
+  return {
+    name: {f"blocks_{i}": jax.tree.map(lambda a, i=i: a[i], dict(tree)) for i in range(depth)}
+    for name, tree in collections.items()
+  }
+
+
+class _BlockLoop(nn.Module):
+  """`depth` blocks `blocks_0 ..` applied in a Python loop; arguments as `BlockStack`."""
+
+  block_cls: Any
+  block_kwargs: Mapping[str, Any]
+  depth: int
+
+  @nn.compact
+  def __call__(
+    self,
+    x: jax.Array,
+    *,
+    rotary: jax.Array | None,
+    position: jax.Array | None,
+    cache: KVCache | None,
+    queries: jax.Array | None,
+  ) -> tuple[jax.Array, KVCache | None]:
+    make_block = lambda i: self.block_cls(**self.block_kwargs, name=f"blocks_{i}")  # noqa: E731
+    return _apply_in_turn(make_block, self.depth, x, rotary, position, cache, queries)
+
+
+def _apply_in_turn(
+  make_block: Callable[[int], nn.Module],
+  depth: int,
+  x: jax.Array,
+  rotary: jax.Array | None,
+  position: jax.Array | None,
+  cache: KVCache | None,
+  queries: jax.Array | None,
+) -> tuple[jax.Array, KVCache | None]:
+  """Blocks `make_block(0) .. make_block(depth - 1)` one after the other; arguments as `BlockStack`."""
+  updates = []
+  for i in range(depth):
+    layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
+    last = i == depth - 1
+    x, update = make_block(i)(x, rotary=rotary, position=position, cache=layer_cache, queries=queries if last else None)
+    updates.append(update)
+  return x, None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *updates)
+
+
+def unstack_block_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Scanned layout (`blocks` with a leading [depth] axis) -> `blocks_0 ..`, recursively."""
+  out: dict[str, Any] = {}
+  for key, value in params.items():
+    if key == "blocks" and isinstance(value, Mapping):
+      depth = jax.tree.leaves(value)[0].shape[0]
+      for i in range(depth):
+        out[f"blocks_{i}"] = jax.tree.map(lambda a, i=i: a[i], dict(value))
+    elif isinstance(value, Mapping):
+      out[key] = unstack_block_params(value)
+    else:
+      out[key] = value
+  return out
+
+
+def stack_block_params(params: Mapping[str, Any]) -> dict[str, Any]:
+  """Inverse of `unstack_block_params`."""
+  out: dict[str, Any] = {}
+  per_block = sorted((k for k in params if k.startswith("blocks_")), key=lambda k: int(k.split("_")[1]))
+  if per_block:
+    out["blocks"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[dict(params[k]) for k in per_block])
+  for key, value in params.items():
+    if key in per_block:
+      continue
+    out[key] = stack_block_params(value) if isinstance(value, Mapping) else value
+  return out
