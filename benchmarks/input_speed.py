@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from fractal_jax.data import pipeline as input_pipeline  # noqa: E402
-from fractal_jax.data import sources as datasets  # noqa: E402
+from fractal_jax.data import input_pipeline, sources  # noqa: E402
 
 
 def natural_like_jpeg(rng: np.random.Generator, width: int, height: int, quality: int) -> bytes:
@@ -97,7 +96,7 @@ def main() -> None:
 
   with tempfile.TemporaryDirectory(prefix="input_speed_") as folder:
     mean_kb = write_image_folder(Path(folder), args.num_images, args.width, args.height)
-    source = datasets.image_folder_source(folder, "train")
+    source = sources.image_folder_source(folder, "train")
     print(f"{len(source)} JPEGs of {args.width}x{args.height}, mean {mean_kb:.0f} KB; batch {args.batch}")
     print(f"{'crop':>5} {'pipeline':>26} {'images/s':>9}")
     for size in sizes:

@@ -28,8 +28,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from fractal_jax.config import base_config, load_config_file  # noqa: E402
-from fractal_jax.model import fractal  # noqa: E402
-from fractal_jax.model import settings as model_config  # noqa: E402
+from fractal_jax.model import fractal, model_config  # noqa: E402
 from fractal_jax.sampling import sampler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -32,10 +32,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fractal_jax.config import base_config, load_config_file  # noqa: E402
-from fractal_jax.model import fractal  # noqa: E402
-from fractal_jax.model import settings as model_config  # noqa: E402
-from fractal_jax.train import optimizer  # noqa: E402
-from fractal_jax.train import step as train_step  # noqa: E402
+from fractal_jax.model import fractal, model_config  # noqa: E402
+from fractal_jax.train import optimizer, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(img_size_list=(32, 4, 1), widths=(256, 128, 64), depths=(4, 2, 1), heads=(4, 4, 2), num_classes=10)
@@ -99,13 +97,13 @@ def measure(model_cfg, batch: int, dtype: str, repeats: int) -> dict:
 
 def demo_nll(checkpoint: str, max_images: int) -> None:
   """Held-out bits/dim of a demo checkpoint, computed in float32 and in bfloat16."""
-  from fractal_jax.data import sources as datasets
+  from fractal_jax.data import sources
   from fractal_jax.evaluation import nll
-  from fractal_jax.io import model_checkpoint as checkpoint_io
+  from fractal_jax.io import model_checkpoint
 
   config = load_config_file(str(ROOT / "configs" / "demo.py"))
-  params = checkpoint_io.load_params(checkpoint, config.model)
-  images, _ = datasets.digits_arrays("val")
+  params = model_checkpoint.load_params(checkpoint, config.model)
+  images, _ = sources.digits_arrays("val")
   images = jnp.asarray(images[:max_images])
   ids = jnp.arange(images.shape[0], dtype=jnp.int32)
   for dtype in ("float32", "bfloat16"):

@@ -89,8 +89,10 @@ def ours_worker(kind: str, what: str) -> None:
   import jax.numpy as jnp  # noqa: PLC0415
   import train_speed  # noqa: PLC0415
 
-  from fractal_jax.model import fractal  # noqa: PLC0415
-  from fractal_jax.model import settings as model_config  # noqa: PLC0415
+  from fractal_jax.model import (
+    fractal,  # noqa: PLC0415
+    model_config,  # noqa: PLC0415
+  )
   from fractal_jax.sampling import sampler  # noqa: PLC0415
 
   model_cfg = train_speed.small(kind)

@@ -3,7 +3,7 @@
 A config file calls `base_config()` and sets the model tuples; every field
 can be overridden on the command line (`--config.model.depths="(4,2,1)"`,
 `--config.model.dtype=bfloat16`). Per-level tuples line up as documented in
-`fractal_jax.model.settings`.
+`fractal_jax.model.model_config`.
 """
 
 from __future__ import annotations

@@ -31,11 +31,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from fractal_jax import config as config_base
-from fractal_jax.io import model_checkpoint as checkpoint_io
-from fractal_jax.io import torch_layout, torch_pickle
-from fractal_jax.model import fractal
-from fractal_jax.model import settings as model_config
+from fractal_jax import config as config_lib
+from fractal_jax.io import model_checkpoint, torch_layout, torch_pickle
+from fractal_jax.model import fractal, model_config
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file of the model, e.g. configs/fractalmar_64.py (see configs/).", lock_config=True
@@ -61,7 +59,7 @@ def matching_configs(shapes: Mapping[str, Sequence[int]]) -> list[str]:
   """The official config files (`configs/<name>.py`) whose layout has exactly these tensor names and shapes."""
   found = {name: tuple(shape) for name, shape in shapes.items()}
   matches = []
-  for name, config in config_base.official_configs().items():
+  for name, config in config_lib.official_configs().items():
     try:
       expected = torch_layout.state_dict_shapes(model_config.settings(config.model))
     except model_config.ConfigError:
@@ -72,7 +70,7 @@ def matching_configs(shapes: Mapping[str, Sequence[int]]) -> list[str]:
 
 
 def _layout_hint(state_dict: Mapping[str, Any]) -> str:
-  if config_base.config_dir() is None:
+  if config_lib.config_dir() is None:
     return ""
   matches = matching_configs({k: np.shape(v) for k, v in state_dict.items()})
   if matches:
@@ -123,7 +121,7 @@ def import_checkpoint(
   del state_dict
   existed = out.exists()
   try:
-    step_dir = checkpoint_io.save_params(out, params, model_cfg, step=0)
+    step_dir = model_checkpoint.save_params(out, params, model_cfg, step=0)
   except BaseException:
     shutil.rmtree(out, ignore_errors=True)  # it was empty or absent: leave it as it was
     if existed:
@@ -148,7 +146,7 @@ def export_checkpoint(
       f"--output={output}: writing a .pth needs torch, which is not installed; write an .npz instead (same "
       "tensor names; load it with {k: torch.from_numpy(v) for k, v in np.load(path).items()})"
     )
-  params = checkpoint_io.load_params(checkpoint, model_cfg, step)
+  params = model_checkpoint.load_params(checkpoint, model_cfg, step)
   log(f"read {fractal.count_params(params):,} parameters from {checkpoint}")
   state_dict = torch_layout.params_to_state_dict(params, model_settings)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -163,7 +161,7 @@ ERRORS = (
   model_config.ConfigError,
   torch_pickle.PthError,
   torch_layout.LayoutError,
-  checkpoint_io.CheckpointError,
+  model_checkpoint.CheckpointError,
 )
 
 
@@ -202,5 +200,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-  config_base.exit_if_config_file_missing(sys.argv)
+  config_lib.exit_if_config_file_missing(sys.argv)
   app.run(main)

@@ -24,8 +24,8 @@ cpu_tuning.apply()  # before JAX starts
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fractal_jax import config as config_base  # noqa: E402
-from fractal_jax.model import settings as model_config  # noqa: E402
+from fractal_jax import config as config_lib  # noqa: E402
+from fractal_jax.model import model_config  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/fractalar_64.py (see configs/).", lock_config=True
@@ -172,9 +172,9 @@ def main(argv: Sequence[str]) -> None:
   from fractal_jax.parallel import distributed
 
   distributed.maybe_initialize()  # before anything touches the devices
-  from fractal_jax.data import pipeline as input_pipeline
+  from fractal_jax.data import input_pipeline
   from fractal_jax.evaluation import inception_weights
-  from fractal_jax.io import model_checkpoint as checkpoint_io
+  from fractal_jax.io import model_checkpoint
   from fractal_jax.parallel import mesh
   from fractal_jax.sampling import sampler
   from fractal_jax.train import trainer
@@ -182,7 +182,7 @@ def main(argv: Sequence[str]) -> None:
   config = _CONFIG.value
   expected = (
     model_config.ConfigError,
-    checkpoint_io.CheckpointError,
+    model_checkpoint.CheckpointError,
     sampler.SampleError,
     mesh.MeshError,
     input_pipeline.DataError,
@@ -201,7 +201,7 @@ def main(argv: Sequence[str]) -> None:
 
 
 def run() -> None:
-  config_base.exit_if_config_file_missing(sys.argv)
+  config_lib.exit_if_config_file_missing(sys.argv)
   app.run(main)
 
 

@@ -38,12 +38,12 @@ def tiny_checkpoint(tmp_path_factory, tiny_config):
   """configs/tiny.py with random parameters, saved as a converted checkpoint: its directory."""
   import tiny_models
 
-  from fractal_jax.io import model_checkpoint as checkpoint_io
-  from fractal_jax.model import settings as model_config
+  from fractal_jax.io import model_checkpoint
+  from fractal_jax.model import model_config
 
   params = tiny_models.init_params(model_config.settings(tiny_config.model))
   directory = tmp_path_factory.mktemp("ckpt") / "tiny"
-  checkpoint_io.save_params(directory, params, tiny_config.model)
+  model_checkpoint.save_params(directory, params, tiny_config.model)
   return directory
 
 

@@ -25,12 +25,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import tiny_models  # noqa: E402
 
 from fractal_jax.model import fractal  # noqa: E402
-from fractal_jax.parallel import (
-  mesh,  # noqa: E402
-  sharding,  # noqa: E402
-)
-from fractal_jax.train import optimizer  # noqa: E402
-from fractal_jax.train import step as train_step  # noqa: E402
+from fractal_jax.parallel import mesh, sharding  # noqa: E402
+from fractal_jax.train import optimizer, train_step  # noqa: E402
 
 
 def state_shardings(model, opt, device_mesh):

@@ -7,8 +7,7 @@ import tiny_models
 from conftest import ROOT
 
 from fractal_jax.config import load_config_file
-from fractal_jax.model import fractal
-from fractal_jax.model import settings as model_config
+from fractal_jax.model import fractal, model_config
 
 OFFICIAL_COUNTS = {
   "fractalar_64": 442_068_224,

@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from fractal_jax import config as config_files
+from fractal_jax import config as config_lib
 from fractal_jax import convert
 from fractal_jax.config import base_config
-from fractal_jax.io import model_checkpoint as checkpoint_io
-from fractal_jax.io import torch_layout, torch_pickle
-from fractal_jax.model import settings as model_config
+from fractal_jax.io import model_checkpoint, torch_layout, torch_pickle
+from fractal_jax.model import model_config
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 FIXTURES = pathlib.Path(__file__).resolve().parent / "fixtures"
@@ -332,11 +331,13 @@ def test_checkpoint_round_trip(tmp_path, scan):
     img_size_list=(4, 2, 1), widths=(16, 8, 8), heads=(2, 2, 2), types=("mar", "ar", "pixel"), depths=(2, 2, 1)
   )
   params = tiny_params(cfg)
-  checkpoint_io.save_params(tmp_path / "ckpt", params, cfg, step=3)
-  assert checkpoint_io.latest_step(tmp_path / "ckpt") == 3 and checkpoint_io.latest_step(tmp_path / "none") is None
-  assert checkpoint_io.stored_model_config(tmp_path / "ckpt")["widths"] == [16, 8, 8]
+  model_checkpoint.save_params(tmp_path / "ckpt", params, cfg, step=3)
+  assert (
+    model_checkpoint.latest_step(tmp_path / "ckpt") == 3 and model_checkpoint.latest_step(tmp_path / "none") is None
+  )
+  assert model_checkpoint.stored_model_config(tmp_path / "ckpt")["widths"] == [16, 8, 8]
   # Checkpoints store the scanned layout; a config with scan_blocks off gets blocks_K (and the reverse works).
-  loaded = checkpoint_io.load_params(tmp_path / "ckpt", fixture_cfg(**(cfg.to_dict() | {"scan_blocks": scan})))
+  loaded = model_checkpoint.load_params(tmp_path / "ckpt", fixture_cfg(**(cfg.to_dict() | {"scan_blocks": scan})))
   assert sorted(loaded["levels_1"]["layers"]) == (["blocks"] if scan else ["blocks_0", "blocks_1"])
   model_settings = model_config.settings(cfg)
   unscanned = model_config.settings(fixture_cfg(**(cfg.to_dict() | {"scan_blocks": False})))
@@ -347,30 +348,30 @@ def test_checkpoint_round_trip(tmp_path, scan):
 
 def test_checkpoint_mismatch_names_fields(tmp_path):
   cfg = fixture_cfg()
-  checkpoint_io.save_params(tmp_path / "ckpt", tiny_params(cfg), cfg)
+  model_checkpoint.save_params(tmp_path / "ckpt", tiny_params(cfg), cfg)
   other = fixture_cfg(widths=(16, 8), num_classes=5, dtype="bfloat16", proj_dropout=0.0, scan_blocks=False)
-  with pytest.raises(checkpoint_io.CheckpointMismatchError) as info:
-    checkpoint_io.load_params(tmp_path / "ckpt", other)
+  with pytest.raises(model_checkpoint.CheckpointMismatchError) as info:
+    model_checkpoint.load_params(tmp_path / "ckpt", other)
   message = str(info.value)
   assert "widths: checkpoint (8,8), config (16,8)" in message
   assert "num_classes: checkpoint 3, config 5" in message
   assert "dtype" not in message and "dropout" not in message and "scan" not in message
   assert '--config.model.widths="(8,8)" --config.model.num_classes="3"' in message
   # A stored config of an official model points at its file.
-  official = config_files.official_configs()["configs/fractalmar_64.py"].model
-  with pytest.raises(checkpoint_io.CheckpointMismatchError, match=r"Use --config=configs/fractalmar_64\.py"):
-    checkpoint_io.check_model_config(checkpoint_io.model_dict(official), cfg, "ckpt")
+  official = config_lib.official_configs()["configs/fractalmar_64.py"].model
+  with pytest.raises(model_checkpoint.CheckpointMismatchError, match=r"Use --config=configs/fractalmar_64\.py"):
+    model_checkpoint.check_model_config(model_checkpoint.model_dict(official), cfg, "ckpt")
   # Compute-only settings may differ.
-  loaded = checkpoint_io.load_params(tmp_path / "ckpt", fixture_cfg(param_dtype="bfloat16", scan_blocks=False))
+  loaded = model_checkpoint.load_params(tmp_path / "ckpt", fixture_cfg(param_dtype="bfloat16", scan_blocks=False))
   assert {leaf.dtype for leaf in jax.tree.leaves(loaded)} == {np.dtype(ml_dtypes.bfloat16)}
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-  with pytest.raises(checkpoint_io.CheckpointError, match="not found"):
-    checkpoint_io.load_params(tmp_path / "absent", fixture_cfg())
+  with pytest.raises(model_checkpoint.CheckpointError, match="not found"):
+    model_checkpoint.load_params(tmp_path / "absent", fixture_cfg())
   (tmp_path / "empty").mkdir()
-  with pytest.raises(checkpoint_io.CheckpointError, match="holds no checkpoint"):
-    checkpoint_io.load_params(tmp_path / "empty", fixture_cfg())
+  with pytest.raises(model_checkpoint.CheckpointError, match="holds no checkpoint"):
+    model_checkpoint.load_params(tmp_path / "empty", fixture_cfg())
   assert not list((tmp_path / "empty").iterdir())
 
 
@@ -378,7 +379,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_layout_error_names_the_matching_official_config():
-  official = config_files.official_configs()["configs/fractalmar_64.py"].model
+  official = config_lib.official_configs()["configs/fractalmar_64.py"].model
   shapes = torch_layout.state_dict_shapes(model_config.settings(official))
   zeros = {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()}  # no memory
   assert convert.matching_configs(shapes) == ["configs/fractalmar_64.py"]
@@ -397,7 +398,7 @@ def test_import_fixture(tmp_path):
   assert lines[0].startswith(f"read 48 tensors ({sum(v.size for v in torch_pickle.read_state_dict(PTH).values()):,}")
   assert f"--checkpoint={tmp_path / 'out'}" in lines[-1]
   expected = convert.convert_state_dict(torch_pickle.read_state_dict(PTH), fixture_cfg())
-  assert_trees_equal(checkpoint_io.load_params(tmp_path / "out", fixture_cfg()), expected)
+  assert_trees_equal(model_checkpoint.load_params(tmp_path / "out", fixture_cfg()), expected)
 
 
 def _import_cases(tmp_path: pathlib.Path) -> dict[str, tuple[str, str, object, type, str]]:
@@ -435,19 +436,25 @@ def test_import_errors_write_nothing(tmp_path):
 
 def test_export_errors_write_nothing(tmp_path):
   cfg = fixture_cfg()
-  checkpoint_io.save_params(tmp_path / "ckpt", tiny_params(cfg), cfg)
+  model_checkpoint.save_params(tmp_path / "ckpt", tiny_params(cfg), cfg)
   (tmp_path / "exists.npz").write_text("x")
   (tmp_path / "empty").mkdir()
   cases = {
     "suffix": (tmp_path / "ckpt", tmp_path / "w.safetensors", cfg, convert.ConvertError, r"\*\.npz"),
     "existing output": (tmp_path / "ckpt", tmp_path / "exists.npz", cfg, convert.ConvertError, "exists"),
-    "missing checkpoint": (tmp_path / "absent", tmp_path / "w.npz", cfg, checkpoint_io.CheckpointError, "not found"),
-    "empty checkpoint": (tmp_path / "empty", tmp_path / "w.npz", cfg, checkpoint_io.CheckpointError, "no checkpoint"),
+    "missing checkpoint": (tmp_path / "absent", tmp_path / "w.npz", cfg, model_checkpoint.CheckpointError, "not found"),
+    "empty checkpoint": (
+      tmp_path / "empty",
+      tmp_path / "w.npz",
+      cfg,
+      model_checkpoint.CheckpointError,
+      "no checkpoint",
+    ),
     "mismatch": (
       tmp_path / "ckpt",
       tmp_path / "w.npz",
       fixture_cfg(num_classes=4),
-      checkpoint_io.CheckpointError,
+      model_checkpoint.CheckpointError,
       "num_",
     ),
   }
@@ -468,7 +475,7 @@ def run_convert(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_export_then_import_is_bit_exact(tmp_path, tiny_config):
   params = tiny_params(tiny_config.model, seed=3)
-  checkpoint_io.save_params(tmp_path / "ckpt", params, tiny_config.model)
+  model_checkpoint.save_params(tmp_path / "ckpt", params, tiny_config.model)
   result = run_convert("--to_torch", f"--checkpoint={tmp_path / 'ckpt'}", f"--output={tmp_path / 'w.npz'}")
   assert result.returncode == 0, result.stderr
   assert f"to {tmp_path / 'w.npz'}" in result.stdout and "I1" not in result.stderr  # no orbax INFO logs
@@ -476,7 +483,7 @@ def test_cli_export_then_import_is_bit_exact(tmp_path, tiny_config):
   assert result.returncode == 0, result.stderr
   num_tensors = len(torch_layout.state_dict_shapes(model_config.settings(tiny_config.model)))
   assert f"read {num_tensors} tensors" in result.stdout and f"--checkpoint={tmp_path / 'back'}" in result.stdout
-  assert_trees_equal(checkpoint_io.load_params(tmp_path / "back", tiny_config.model), params)
+  assert_trees_equal(model_checkpoint.load_params(tmp_path / "back", tiny_config.model), params)
 
 
 def test_cli_error_exit_status(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from test_cli import run_main
 
-from fractal_jax.model import settings as model_config
+from fractal_jax.model import model_config
 from fractal_jax.modes import edit as edit_mode
 
 

@@ -10,8 +10,8 @@ import tiny_models
 from test_cli import run_main
 from tiny_training import TINY_FLAGS, tiny_train_config
 
-from fractal_jax.io import model_checkpoint as checkpoint_io
-from fractal_jax.model import settings as model_config
+from fractal_jax.io import model_checkpoint
+from fractal_jax.model import model_config
 
 EVAL = ("--config.eval.batch_size=20", "--config.eval.max_images=40", "--config.sample.batch_size=10")
 
@@ -21,7 +21,7 @@ def checkpoint(tmp_path_factory):
   """Random parameters of the tests' training model (TINY_FLAGS), saved as a converted checkpoint (no compiling)."""
   model = tiny_train_config().model
   directory = tmp_path_factory.mktemp("fid_ckpt") / "model"
-  checkpoint_io.save_params(directory, tiny_models.init_params(model_config.settings(model)), model)
+  model_checkpoint.save_params(directory, tiny_models.init_params(model_config.settings(model)), model)
   return directory
 
 

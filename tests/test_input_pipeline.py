@@ -11,8 +11,7 @@ import pytest
 from PIL import Image
 
 from fractal_jax.config import base_config
-from fractal_jax.data import pipeline as input_pipeline
-from fractal_jax.data import sources as datasets
+from fractal_jax.data import input_pipeline, sources
 from fractal_jax.data.sources import DataError
 
 # --- helpers ------------------------------------------------------------------------------------------------------
@@ -86,14 +85,14 @@ def image_root(tmp_path_factory) -> pathlib.Path:
 def test_digits_source_split_and_records():
   from sklearn.datasets import load_digits
 
-  train, val = datasets.digits_source("train"), datasets.digits_source("val")
+  train, val = sources.digits_source("train"), sources.digits_source("val")
   assert (len(train), len(val), train.num_classes) == (1497, 300, 10)
   record = train[0]
   assert record["image"].shape == (8, 8, 3) and record["image"].dtype == np.uint8 and isinstance(record["label"], int)
-  images, labels = datasets.digits_arrays("val")
+  images, labels = sources.digits_arrays("val")
   assert images.shape == (300, 8, 8, 3) and images.dtype == np.uint8 and labels.dtype == np.int32
   assert np.bincount(labels).tolist() == [30] * 10  # 30 held-out images per class
-  train_images, train_labels = datasets.digits_arrays("train")
+  train_images, train_labels = sources.digits_arrays("train")
   digits = load_digits()
   expected = np.round(digits.images * 255 / 16).astype(np.uint8)
   # The two splits partition the 1797 images: match every image to its original by content and label.
@@ -104,16 +103,16 @@ def test_digits_source_split_and_records():
   ours = np.concatenate([both, both_labels[:, None]], axis=1)
   np.testing.assert_array_equal(ours[order], original[np.lexsort(original.T)])
   assert np.all(images[..., 0] == images[..., 2]) and images.max() == 255
-  np.testing.assert_array_equal(datasets.digits_arrays("val")[0], images)  # deterministic
+  np.testing.assert_array_equal(sources.digits_arrays("val")[0], images)  # deterministic
   with pytest.raises(DataError, match="'train' or 'val'"):
-    datasets.digits_source("test")
+    sources.digits_source("test")
 
 
 # --- ImageFolder --------------------------------------------------------------------------------------------------
 
 
 def test_image_folder_source_lists_sorted_images(image_root):
-  source = datasets.image_folder_source(image_root, "train")
+  source = sources.image_folder_source(image_root, "train")
   assert source.classes == ["cat", "dog"] and source.num_classes == 2
   names = [pathlib.Path(path).name for path in source.paths]
   assert names == ["a.JPEG", "b_gray.jpg", "c_rgba.png", "d.jpeg", "e_corrupt.jpg", "f.PNG"]  # no notes.txt
@@ -122,7 +121,7 @@ def test_image_folder_source_lists_sorted_images(image_root):
 
 
 def test_image_folder_decodes_modes_and_skips_corrupt(image_root, caplog):
-  source = datasets.image_folder_source(image_root, "train")
+  source = sources.image_folder_source(image_root, "train")
   gray = input_pipeline.decode_image(source[1]["image"], 16)
   assert gray.shape == (16, 16, 3) and gray.dtype == np.uint8
   assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
@@ -150,18 +149,18 @@ def test_image_folder_decodes_modes_and_skips_corrupt(image_root, caplog):
 
 def test_image_folder_errors(image_root, tmp_path):
   with pytest.raises(DataError, match=r"does not exist.*<root>/<split>/<class name>"):
-    datasets.image_folder_source(tmp_path, "train")
+    sources.image_folder_source(tmp_path, "train")
   (tmp_path / "val").mkdir()
   (tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")
   with pytest.raises(DataError, match="no class directories.*one folder per class"):
-    datasets.image_folder_source(tmp_path, "val")
+    sources.image_folder_source(tmp_path, "val")
   (tmp_path / "train" / "cat").mkdir(parents=True)
   (tmp_path / "train" / "cat" / "readme.txt").write_text("x")
   with pytest.raises(DataError, match=r"train' has 1 class directories but no image files"):
-    datasets.image_folder_source(tmp_path, "train")
+    sources.image_folder_source(tmp_path, "train")
   (image_root / "test" / "cat").mkdir(parents=True, exist_ok=True)
   with pytest.raises(DataError, match="differ from those of"):
-    datasets.image_folder_source(image_root, "test")  # classes [cat] vs train's [cat, dog]
+    sources.image_folder_source(image_root, "test")  # classes [cat] vs train's [cat, dog]
 
 
 # --- TFDS ---------------------------------------------------------------------------------------------------------
@@ -169,13 +168,13 @@ def test_image_folder_errors(image_root, tmp_path):
 
 def test_tfds_unbuilt_and_unknown_datasets(tmp_path):
   with pytest.raises(DataError) as error:
-    datasets.tfds_source("imagenet2012", "validation", str(tmp_path))
+    sources.tfds_source("imagenet2012", "validation", str(tmp_path))
   message = str(error.value)
   assert "not built" in message and f"{tmp_path}/downloads/manual/" in message
   assert "ILSVRC2012_img_train.tar" in message and "ILSVRC2012_img_val.tar" in message
   assert f"tfds build imagenet2012 --data_dir={tmp_path} --file_format=array_record" in message
   with pytest.raises(DataError, match="no dataset 'no_such_dataset_xyz'"):
-    datasets.tfds_source("no_such_dataset_xyz", "train", str(tmp_path))
+    sources.tfds_source("no_such_dataset_xyz", "train", str(tmp_path))
 
 
 def test_tfds_reads_a_tiny_built_dataset(tmp_path):
@@ -199,13 +198,13 @@ def test_tfds_reads_a_tiny_built_dataset(tmp_path):
         yield index, {"image": io.BytesIO(pictures[index]), "label": index % 3}
 
   TinyImages(data_dir=tmp_path, file_format="array_record").download_and_prepare()
-  source = datasets.tfds_source("tiny_images", "validation", str(tmp_path))
+  source = sources.tfds_source("tiny_images", "validation", str(tmp_path))
   assert len(source) == 2 and source.num_classes == 3
   assert source[1] == {"image": pictures[4], "label": 1}  # still encoded
   (batch,) = list(input_pipeline.eval_batches(source, image_size=4, batch_size=2, process_index=0, process_count=1))
   assert batch["label"].tolist() == [0, 1] and np.all(batch["image"][1] == 80)
   with pytest.raises(DataError, match=r"has splits \['train', 'validation'\], not 'val'"):
-    datasets.tfds_source("tiny_images", "val", str(tmp_path))
+    sources.tfds_source("tiny_images", "val", str(tmp_path))
 
 
 # --- decoding -----------------------------------------------------------------------------------------------------
@@ -237,7 +236,7 @@ def test_decode_image_arrays():
 
 
 def test_train_resume_continues_with_the_next_batches():
-  source = datasets.digits_source("train")  # 1497 records: 6 batches of 256 cross the first epoch boundary
+  source = sources.digits_source("train")  # 1497 records: 6 batches of 256 cross the first epoch boundary
   dataset = input_pipeline.train_dataset(
     source, image_size=8, global_batch=256, seed=3, random_flip=True, process_index=0, process_count=1
   )

@@ -12,8 +12,7 @@ import pytest
 
 from fractal_jax.config import base_config
 from fractal_jax.io import torch_layout
-from fractal_jax.model import fractal
-from fractal_jax.model import settings as model_config
+from fractal_jax.model import fractal, model_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 

@@ -22,18 +22,14 @@ from test_cli import run_main
 from tiny_training import TINY_FLAGS, tiny_train_config
 
 from fractal_jax.config import load_config_file
-from fractal_jax.io import model_checkpoint as checkpoint_io
-from fractal_jax.model import fractal
-from fractal_jax.model import settings as model_config
-from fractal_jax.train import metrics as metrics_io
-from fractal_jax.train import optimizer, trainer
-from fractal_jax.train import state_checkpoint as train_checkpoints
-from fractal_jax.train import step as train_step
+from fractal_jax.io import model_checkpoint
+from fractal_jax.model import fractal, model_config
+from fractal_jax.train import metric_writers, optimizer, state_checkpoint, train_step, trainer
 
 
 def losses(workdir: pathlib.Path) -> dict[int, float]:
   """Step -> logged loss; a step logged twice (before a kill and after the resume) keeps the last value."""
-  return {int(r["step"]): r["loss"] for r in metrics_io.read_jsonl(workdir) if "loss" in r}
+  return {int(r["step"]): r["loss"] for r in metric_writers.read_jsonl(workdir) if "loss" in r}
 
 
 def start(workdir: pathlib.Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -54,7 +50,7 @@ def wait_for(condition, process: subprocess.Popen, timeout: float = 240.0) -> No
 
 
 def committed_steps(workdir: pathlib.Path) -> list[int]:
-  directory = train_checkpoints.checkpoint_dir(workdir)
+  directory = state_checkpoint.checkpoint_dir(workdir)
   if not directory.is_dir():
     return []
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "params").is_dir())
@@ -71,10 +67,10 @@ def test_two_steps_on_digits_write_a_checkpoint_sampling_can_read(digits_run):
   assert results["eval/fid"] > 0  # the small FID against the fixture's statistics
   assert (workdir / "samples_0000002.png").is_file()
   assert committed_steps(workdir) == [2]
-  records = metrics_io.read_jsonl(workdir)
+  records = metric_writers.read_jsonl(workdir)
   assert [r["step"] for r in records if "loss" in r] == [1, 2]
   assert any("eval/bits_per_dim" in r for r in records)
-  params = checkpoint_io.load_params(workdir, config.model)  # a workdir is a checkpoint for the other modes
+  params = model_checkpoint.load_params(workdir, config.model)  # a workdir is a checkpoint for the other modes
   assert fractal.count_params(params) > 0
 
 
@@ -126,7 +122,7 @@ def test_nan_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeyp
   with pytest.raises(trainer.TrainingError, match=r"non-finite loss at step 5.*newest checkpoint \(step 4\)"):
     trainer.train(config, str(tmp_path), stop_at_step=8)
   assert committed_steps(tmp_path) == [2, 4]
-  params = checkpoint_io.load_params(tmp_path, config.model)
+  params = model_checkpoint.load_params(tmp_path, config.model)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
@@ -136,7 +132,7 @@ def test_init_from_converted_weights_reproduces_their_loss(tmp_path):
   settings = model_config.settings(config.model)
   model = fractal.build(settings)
   weights = jax.jit(lambda k: fractal.init_params(model, k))(jax.random.key(42))
-  checkpoint_io.save_params(tmp_path / "converted", weights, config.model)
+  model_checkpoint.save_params(tmp_path / "converted", weights, config.model)
   config.train.init_from = str(tmp_path / "converted")
   results = trainer.train(config, str(tmp_path / "run"), stop_at_step=1)
 
@@ -155,7 +151,7 @@ def test_init_from_converted_weights_reproduces_their_loss(tmp_path):
 def test_init_from_with_other_classes_reinitialises_the_class_table(tmp_path):
   config = tiny_train_config()
   weights = tiny_models.init_params(model_config.settings(config.model), seed=1)
-  checkpoint_io.save_params(tmp_path / "converted", weights, config.model)
+  model_checkpoint.save_params(tmp_path / "converted", weights, config.model)
   config.model.num_classes = 12  # fine-tuning on other classes
   config.train.init_from = str(tmp_path / "converted")
   fresh = tiny_models.init_params(model_config.settings(config.model), seed=2)
@@ -229,7 +225,7 @@ def test_two_processes_train_together(tmp_path):
   finals = [[x.split(": ", 1)[1] for x in out.splitlines() if x.startswith("process ")] for out, _ in outputs]
   assert finals[0] and finals[0] == finals[1], finals  # the same step and loss on both hosts
   assert "2 host(s)" in outputs[0][0]
-  data = train_checkpoints.checkpoint_dir(tmp_path) / "2" / "data"
+  data = state_checkpoint.checkpoint_dir(tmp_path) / "2" / "data"
   assert sorted(p.name for p in data.glob("process_*")) == ["process_0-of-2.json", "process_1-of-2.json"]
 
 
@@ -259,11 +255,11 @@ def test_workdir_of_another_model_is_refused(tmp_path):
   other.widths = (16, 16, 16)
   model = fractal.build(model_config.settings(other))
   params = jax.jit(lambda k: fractal.init_params(model, k))(jax.random.key(0))
-  checkpoint_io.save_params(train_checkpoints.checkpoint_dir(tmp_path), params, other)
-  before = sorted(p.name for p in train_checkpoints.checkpoint_dir(tmp_path).iterdir())
+  model_checkpoint.save_params(state_checkpoint.checkpoint_dir(tmp_path), params, other)
+  before = sorted(p.name for p in state_checkpoint.checkpoint_dir(tmp_path).iterdir())
   result = run_main(*TINY_FLAGS, f"--workdir={tmp_path}", "--stop_at_step=1")
   assert result.returncode == 2 and "widths" in result.stderr, result.stderr[-2000:]
-  assert sorted(p.name for p in train_checkpoints.checkpoint_dir(tmp_path).iterdir()) == before
+  assert sorted(p.name for p in state_checkpoint.checkpoint_dir(tmp_path).iterdir()) == before
 
 
 def test_batch_not_divisible_by_the_devices_is_a_clear_error(tmp_path):

@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import tiny_models
 
-from fractal_jax.model import fractal
-from fractal_jax.model import settings as model_config
-from fractal_jax.train import compaction, optimizer
-from fractal_jax.train import step as train_step
+from fractal_jax.model import fractal, model_config
+from fractal_jax.train import compaction, optimizer, train_step
 
 
 @pytest.fixture(scope="module")

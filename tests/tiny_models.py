@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fractal_jax.config import base_config
-from fractal_jax.model import fractal, patches, pixel_head
-from fractal_jax.model import settings as model_config
+from fractal_jax.model import fractal, model_config, patches, pixel_head
 
 # name -> config.model overrides; every family of the official code, 2 to 4 levels.
 FAMILIES: dict[str, dict[str, Any]] = {

@@ -6,7 +6,7 @@ is a dict
 
   {"image": <encoded image bytes> or uint8 [H, W, 3], "label": int}
 
-decoded and cropped later by `fractal_jax.data.pipeline`. Each source also
+decoded and cropped later by `fractal_jax.data.input_pipeline`. Each source also
 has `num_classes` (labels are 0..num_classes-1).
 
 - `digits_source(split)`: scikit-learn's bundled 8x8 digits (no download).

@@ -1,6 +1,6 @@
 """Sample quality for the built-in digits demo, with no download: a small classifier trained on the real digits.
 
-The demo models scikit-learn's bundled digits (`sklearn.datasets.load_digits()`: 1797 8x8 images, values 0..16,
+The demo models scikit-learn's bundled digits (`sklearn.sources.load_digits()`: 1797 8x8 images, values 0..16,
 10 classes), rendered as RGB uint8 images (value round(v * 255 / 16) on all 3 channels) and possibly upscaled to a
 larger square. Generated samples are judged with a one-hidden-layer MLP trained on the real training split:
 
@@ -25,7 +25,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.neural_network import MLPClassifier
 from sklearn.preprocessing import StandardScaler
 
-from fractal_jax.data import sources as datasets
+from fractal_jax.data import sources
 from fractal_jax.evaluation.image_metrics import feature_statistics, frechet_distance
 
 NUM_CLASSES = 10
@@ -41,8 +41,8 @@ def _digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     (train_images uint8 [1497, 8, 8, 3], train_labels [1497], val_images uint8 [300, 8, 8, 3], val_labels [300]);
     pixel value round(v * 255 / 16) for a digit value v in 0..16, equal on all channels.
   """
-  train_x, train_y = datasets.digits_arrays("train")
-  val_x, val_y = datasets.digits_arrays("val")
+  train_x, train_y = sources.digits_arrays("train")
+  val_x, val_y = sources.digits_arrays("val")
   return train_x, train_y.astype(np.int64), val_x, val_y.astype(np.int64)
 
 

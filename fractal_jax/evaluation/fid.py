@@ -36,7 +36,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from fractal_jax.evaluation import image_metrics, inception, inception_weights
-from fractal_jax.io import images as image_io
+from fractal_jax.io import image_files
 from fractal_jax.parallel import mesh as mesh_lib
 from fractal_jax.sampling.loaded import LoadedSampler
 
@@ -150,7 +150,7 @@ def sample_shards(
       arrays["images"] = host_images
     if jax.process_index() == 0:
       if write_images:
-        image_io.save_each(host_images, directory / "images", first, chunk)
+        image_files.save_each(host_images, directory / "images", first, chunk)
       _save_atomic(path, **arrays)
     multihost_utils.sync_global_devices(f"fid shard {shard}")
     sampled += len(chunk)

@@ -26,10 +26,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from fractal_jax import config as config_files
+from fractal_jax import config as config_lib
 from fractal_jax.io import torch_layout
-from fractal_jax.model import block_stack, fractal
-from fractal_jax.model import settings as model_config
+from fractal_jax.model import block_stack, fractal, model_config
 
 PARAMS_ITEM = "params"
 EMA_ITEM = "ema_params"  # training checkpoints with EMA on
@@ -168,7 +167,7 @@ def _config_advice(stored: Mapping[str, Any], differing: list[str]) -> str:
   """Which `--config` matches the stored model, or the overrides that make the given one match."""
   matches = [
     name
-    for name, config in config_files.official_configs().items()
+    for name, config in config_lib.official_configs().items()
     if all(_plain(config.model.get(f)) == stored.get(f) for f in SHAPE_FIELDS)
   ]
   if matches:

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from fractal_jax.model.layers import swiglu_hidden
+from fractal_jax.model.model_config import LevelSpec, ModelSettings, PixelHeadSpec
 from fractal_jax.model.pixel_head import CHANNELS, NUM_VALUES
-from fractal_jax.model.settings import LevelSpec, ModelSettings, PixelHeadSpec
 
 Shape = tuple[int, ...]
 

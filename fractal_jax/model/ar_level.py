@@ -23,7 +23,7 @@ from fractal_jax.model import rotary
 from fractal_jax.model.block_stack import BlockStack
 from fractal_jax.model.blocks import KVCache, LlamaBlock
 from fractal_jax.model.layers import dense, layer_norm
-from fractal_jax.model.settings import LevelSpec
+from fractal_jax.model.model_config import LevelSpec
 
 
 class ARLevel(nn.Module):

@@ -31,8 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fractal_jax.model import attention
-from fractal_jax.model import rotary as rotary_lib
+from fractal_jax.model import attention, rotary
 from fractal_jax.model.dropout import Dropout
 from fractal_jax.model.layers import Kernel, RMSNorm, dense, gelu, layer_norm, swiglu_hidden
 
@@ -99,8 +98,8 @@ class LlamaAttention(nn.Module):
     qkv = dense(3 * self.width, ("embed", "qkv"), self.dtype, self.param_dtype, use_bias=False, name="wqkv")(x)
     qkv = qkv.reshape(batch, length, 3, self.heads, head_dim)
     q, k, v = split_qkv(qkv)
-    q = rotary_lib.apply_rotary(q, table)
-    k = rotary_lib.apply_rotary(k, table)
+    q = rotary.apply_rotary(q, table)
+    k = rotary.apply_rotary(k, table)
     if cache is None:
       out = attention.dot_product_attention(q, k, v, causal=True)
     else:

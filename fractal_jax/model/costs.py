@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from fractal_jax.model import fractal
 from fractal_jax.model.ar_level import ARLevel
 from fractal_jax.model.mar_level import MARLevel
+from fractal_jax.model.model_config import LevelSpec, ModelSettings, PixelHeadSpec, items_per_image
 from fractal_jax.model.pixel_head import PixelHead
-from fractal_jax.model.settings import LevelSpec, ModelSettings, PixelHeadSpec, items_per_image
 
 
 @dataclasses.dataclass(frozen=True)

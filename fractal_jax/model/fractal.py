@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from fractal_jax.model import masking, patches, pixel_head
 from fractal_jax.model.ar_level import ARLevel
 from fractal_jax.model.mar_level import MARLevel
-from fractal_jax.model.settings import LevelSpec, ModelSettings
+from fractal_jax.model.model_config import LevelSpec, ModelSettings
 
 RNG_STREAMS = ("dropout", "mask", "noise", "labels")
 NUM_CONDS_FROM_CLASS = 5  # level 0 receives five identical copies of the class embedding

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from fractal_jax.model.block_stack import BlockStack
 from fractal_jax.model.blocks import TimmBlock
 from fractal_jax.model.layers import dense, layer_norm
+from fractal_jax.model.model_config import LevelSpec
 from fractal_jax.model.pixel_head import PixelHead
-from fractal_jax.model.settings import LevelSpec
 
 
 class MARLevel(nn.Module):

@@ -24,8 +24,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from fractal_jax.io import images as image_io
-from fractal_jax.model import settings as model_config
+from fractal_jax.io import image_files
+from fractal_jax.model import model_config
 from fractal_jax.sampling import loaded
 from fractal_jax.sampling.from_config import parse_label_list, plan_from_config
 from fractal_jax.sampling.sampler import check_known
@@ -157,12 +157,12 @@ def run(config: Any, request: EditRequest) -> np.ndarray:
   if request.output:
     row = np.concatenate([masked_picture(image, regenerate)[None], variants])
     columns = len(row) if len(row) <= 9 else None  # one row for a few variants
-    image_io.save_grid(row, request.output, min_side=64 * (columns or 3), columns=columns)
+    image_files.save_grid(row, request.output, min_side=64 * (columns or 3), columns=columns)
     print(f"grid (the input with the region to regenerate in grey, then the variants): {request.output}")
   if request.output_dir:
-    image_io.save_each(variants, request.output_dir, 0, labels)
+    image_files.save_each(variants, request.output_dir, 0, labels)
     print(f"variants: {request.output_dir}/")
   if request.gif:
-    image_io.save_gif(np.asarray(frames)[:, : request.num_samples], request.gif)
+    image_files.save_gif(np.asarray(frames)[:, : request.num_samples], request.gif)
     print(f"generation: {request.gif}")
   return variants

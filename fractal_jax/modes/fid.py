@@ -22,7 +22,7 @@ from typing import Any
 import jax
 
 from fractal_jax.evaluation import fid
-from fractal_jax.model import settings as model_config
+from fractal_jax.model import model_config
 from fractal_jax.sampling import loaded
 
 

@@ -20,10 +20,10 @@ from typing import Any
 
 import jax
 
-from fractal_jax.data import pipeline as input_pipeline
+from fractal_jax.data import input_pipeline
 from fractal_jax.evaluation import nll
-from fractal_jax.io import model_checkpoint as checkpoint_io
-from fractal_jax.model import settings as model_config
+from fractal_jax.io import model_checkpoint
+from fractal_jax.model import model_config
 from fractal_jax.parallel import mesh as mesh_lib
 
 
@@ -42,7 +42,7 @@ def run(config: Any, checkpoint: str | None, output: str | None, weights: str = 
   if config.eval.nll_passes < 1:
     raise model_config.ConfigError("config.eval.nll_passes must be at least 1")
   source = input_pipeline.make_source(config.data, config.data.eval_split)
-  params = checkpoint_io.load_params(checkpoint, config.model, weights=weights)
+  params = model_checkpoint.load_params(checkpoint, config.model, weights=weights)
   params = jax.device_put(params, mesh_lib.replicated(device_mesh))
   passes = int(config.eval.nll_passes) if any(spec.kind == "mar" for spec in model_settings.levels) else 1
   print(

@@ -16,9 +16,9 @@ from typing import Any
 
 import jax
 
-from fractal_jax.data import pipeline as input_pipeline
+from fractal_jax.data import input_pipeline
 from fractal_jax.evaluation import fid
-from fractal_jax.model import settings as model_config
+from fractal_jax.model import model_config
 from fractal_jax.parallel import mesh as mesh_lib
 
 

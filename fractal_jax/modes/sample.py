@@ -10,8 +10,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from fractal_jax.io import images as image_io
-from fractal_jax.model import settings as model_config
+from fractal_jax.io import image_files
+from fractal_jax.model import model_config
 from fractal_jax.sampling import loaded
 from fractal_jax.sampling.from_config import parse_label_list, plan_from_config
 
@@ -78,7 +78,7 @@ def run(config: Any, request: SampleRequest) -> None:
     out, frames = sampler(chunk, first, key)
     out = np.asarray(out)[: len(chunk)]  # the last batch is padded
     if request.output_dir:
-      image_io.save_each(out, request.output_dir, first, chunk)
+      image_files.save_each(out, request.output_dir, first, chunk)
     if frames is not None and first_frames is None:
       first_frames = np.asarray(frames)[:, : len(chunk)]
     images.append(out)
@@ -89,10 +89,10 @@ def run(config: Any, request: SampleRequest) -> None:
     f"(compile {sampler.compile_seconds:.1f} s)"
   )
   if request.output:
-    image_io.save_grid(images, request.output)
+    image_files.save_grid(images, request.output)
     print(f"grid: {request.output}")
   if request.output_dir:
     print(f"images: {request.output_dir}/")
   if request.gif:
-    image_io.save_gif(first_frames, request.gif)
+    image_files.save_gif(first_frames, request.gif)
     print(f"generation of the first batch: {request.gif}")

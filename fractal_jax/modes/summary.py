@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fractal_jax.model import costs
 from fractal_jax.model.costs import LevelRow
-from fractal_jax.model.settings import ModelSettings
+from fractal_jax.model.model_config import ModelSettings
 
 
 def print_summary(model_settings: ModelSettings, with_flops: bool = True) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from fractal_jax.model.settings import ConfigError, ModelSettings
+from fractal_jax.model.model_config import ConfigError, ModelSettings
 from fractal_jax.sampling.plan import Hyper, SampleError, SamplePlan, make_plan
 
 

@@ -20,9 +20,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from fractal_jax.io import model_checkpoint as checkpoint_io
-from fractal_jax.model import settings as model_settings_lib
-from fractal_jax.model.settings import ModelSettings
+from fractal_jax.io import model_checkpoint
+from fractal_jax.model import model_config
+from fractal_jax.model.model_config import ModelSettings
 from fractal_jax.parallel import mesh as mesh_lib
 from fractal_jax.sampling import sampler
 from fractal_jax.sampling.editing import Known
@@ -115,10 +115,10 @@ def from_checkpoint(
     ConfigError: a bad `config.sample` (before the parameters are read).
     MeshError, CheckpointError: a mesh the devices cannot fill, an unreadable checkpoint.
   """
-  model_settings = model_settings_lib.settings(config.model)
+  model_settings = model_config.settings(config.model)
   plan = plan_from_config(model_settings, config.sample, record_frames=record_frames)
   mesh = mesh_lib.make_mesh(config.mesh_shape)
-  params = checkpoint_io.load_params(checkpoint, config.model, weights=weights)
+  params = model_checkpoint.load_params(checkpoint, config.model, weights=weights)
   return _compile(model_settings, plan, hyper_from_config(config.sample), params, mesh, batch_size, edit)
 
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from fractal_jax.model.settings import ModelSettings
+from fractal_jax.model.model_config import ModelSettings
 from fractal_jax.sampling import chunking
 from fractal_jax.sampling.mar_schedule import MarSchedule, clamp_num_iter, mar_schedule
 

@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 
 from fractal_jax.model import fractal, patches, pixel_head
-from fractal_jax.model.settings import LevelSpec
+from fractal_jax.model.model_config import LevelSpec
 from fractal_jax.sampling import chunking, draws
 from fractal_jax.sampling.editing import (
   ItemSchedule,

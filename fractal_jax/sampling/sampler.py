@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from fractal_jax.model import fractal, pixel_head
-from fractal_jax.model.settings import ModelSettings
+from fractal_jax.model.model_config import ModelSettings
 from fractal_jax.parallel import mesh as mesh_lib
 from fractal_jax.sampling import draws, recursion
 from fractal_jax.sampling.editing import Known

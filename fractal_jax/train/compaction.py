@@ -47,7 +47,7 @@ import numpy as np
 
 from fractal_jax.model import masking
 from fractal_jax.model.fractal import FractalModel, Items, LevelFn
-from fractal_jax.model.settings import LevelSpec
+from fractal_jax.model.model_config import LevelSpec
 
 SIMULATED_STEPS = 2000
 EXACT_SUMS = 4096  # sums of more per-item counts than this are drawn from their normal approximation

@@ -24,8 +24,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from fractal_jax.io import model_checkpoint as checkpoint_io
-from fractal_jax.train import step as train_step
+from fractal_jax.io import model_checkpoint
+from fractal_jax.train import train_step
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
@@ -70,7 +70,7 @@ class TrainCheckpointer:
     items = dict(
       params=ocp.args.StandardSave(state.params),
       opt_state=ocp.args.StandardSave(state.opt_state),
-      config=ocp.args.JsonSave(checkpoint_io.model_dict(model_cfg)),
+      config=ocp.args.JsonSave(model_checkpoint.model_dict(model_cfg)),
     )
     if state.ema_params is not None:
       items["ema_params"] = ocp.args.StandardSave(state.ema_params)

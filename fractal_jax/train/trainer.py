@@ -44,19 +44,14 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
-from fractal_jax.data import pipeline as input_pipeline
+from fractal_jax.data import input_pipeline
 from fractal_jax.evaluation import nll
-from fractal_jax.io import images as image_io
-from fractal_jax.io import model_checkpoint as checkpoint_io
-from fractal_jax.model import fractal
-from fractal_jax.model import settings as model_config
+from fractal_jax.io import image_files, model_checkpoint
+from fractal_jax.model import fractal, model_config
 from fractal_jax.parallel import mesh as mesh_lib
 from fractal_jax.parallel import sharding
 from fractal_jax.sampling import from_config, loaded
-from fractal_jax.train import metrics as metrics_io
-from fractal_jax.train import optimizer
-from fractal_jax.train import state_checkpoint as train_checkpoints
-from fractal_jax.train import step as train_step
+from fractal_jax.train import metric_writers, optimizer, state_checkpoint, train_step
 
 
 class TrainingError(RuntimeError):
@@ -124,13 +119,13 @@ def prepare(config: Any, workdir: str) -> Plan:
   if train_cfg.eval_every_steps > 0:
     eval_source = input_pipeline.make_source(config.data, config.data.eval_split)
   workdir_path = pathlib.Path(workdir)
-  checkpoints = train_checkpoints.checkpoint_dir(workdir_path)
-  if checkpoint_io.latest_step(checkpoints) is not None:
-    checkpoint_io.check_model_config(checkpoint_io.stored_model_config(checkpoints), config.model, checkpoints)
+  checkpoints = state_checkpoint.checkpoint_dir(workdir_path)
+  if model_checkpoint.latest_step(checkpoints) is not None:
+    model_checkpoint.check_model_config(model_checkpoint.stored_model_config(checkpoints), config.model, checkpoints)
   if train_cfg.init_from:
-    stored = checkpoint_io.stored_model_config(checkpoint_io.resolve_directory(train_cfg.init_from))
-    given = dict(checkpoint_io.model_dict(config.model), num_classes=stored.get("num_classes"))
-    checkpoint_io.check_model_config(stored, given, train_cfg.init_from)
+    stored = model_checkpoint.stored_model_config(model_checkpoint.resolve_directory(train_cfg.init_from))
+    given = dict(model_checkpoint.model_dict(config.model), num_classes=stored.get("num_classes"))
+    model_checkpoint.check_model_config(stored, given, train_cfg.init_from)
   total, warmup = _steps(train_cfg, len(train_source))
   if total < 1:
     raise model_config.ConfigError("the run has no steps: set config.train.num_steps or config.train.epochs")
@@ -179,11 +174,11 @@ def init_from_weights(config: Any, fresh_params: Any) -> Any:
   A class table of another size (fine-tuning on other classes) is replaced
   by `fresh_params["class_emb"]`, left as it is (e.g. already sharded).
   """
-  source = checkpoint_io.resolve_directory(config.train.init_from)
-  stored = checkpoint_io.stored_model_config(source)
+  source = model_checkpoint.resolve_directory(config.train.init_from)
+  stored = model_checkpoint.stored_model_config(source)
   model_cfg = ml_collections.ConfigDict(config.model.to_dict())
   model_cfg.num_classes = stored["num_classes"]
-  loaded = checkpoint_io.load_params(source, model_cfg)
+  loaded = model_checkpoint.load_params(source, model_cfg)
   if stored["num_classes"] != config.model.num_classes:
     logging.warning(
       "init_from: %d classes in the checkpoint, %d in the config: class table re-initialised",
@@ -222,8 +217,8 @@ def evaluate(plan: Plan, params: Any, model: fractal.FractalModel, step: int, wr
     samples = sample_images(plan, params, num_samples)
     if jax.process_index() == 0:
       grid_path = plan.workdir / f"samples_{step:07d}.png"
-      image_io.save_grid(samples, grid_path)
-      writer.write_images(step, {"samples": image_io.grid(samples)[None]})
+      image_files.save_grid(samples, grid_path)
+      writer.write_images(step, {"samples": image_files.grid(samples)[None]})
       logging.info("sample grid: %s", grid_path)
     if config.data.name == "digits" and plan.model_settings.img_size % 8 == 0:
       from fractal_jax.evaluation import digits_quality
@@ -314,7 +309,7 @@ def create_state(
   tx: optax.GradientTransformation,
   shardings: train_step.TrainState,
   init_key: jax.Array,
-  checkpointer: train_checkpoints.TrainCheckpointer,
+  checkpointer: state_checkpoint.TrainCheckpointer,
   iterator: Any,
 ) -> train_step.TrainState:
   """The run's first state, born sharded as `shardings` (never whole on one device).
@@ -486,7 +481,7 @@ def train(config: Any, workdir: str, stop_at_step: int = 0) -> dict[str, float]:
   shardings = state_shardings(model, tx, plan.mesh, config.sharding_rules, ema=train_cfg.ema_decay > 0)
 
   plan.workdir.mkdir(parents=True, exist_ok=True)
-  checkpointer = train_checkpoints.TrainCheckpointer(
+  checkpointer = state_checkpoint.TrainCheckpointer(
     plan.workdir, keep=train_cfg.keep_checkpoints, keep_every=train_cfg.keep_every_steps
   )
   iterator = iter(make_train_iterator(config, plan.model_settings, plan.train_source))
@@ -504,9 +499,9 @@ def train(config: Any, workdir: str, stop_at_step: int = 0) -> dict[str, float]:
     f"workdir {plan.workdir}"
   )
 
-  writer = metrics_io.make_writer(plan.workdir)
+  writer = metric_writers.make_writer(plan.workdir)
   if first_step == 0:
-    writer.write_hparams(metrics_io.flat_hparams(config))
+    writer.write_hparams(metric_writers.flat_hparams(config))
   logger = MetricsLogger(plan, writer, schedule, (first_step, end_step), started, checkpointer.latest_step)
   preemption = _Preemption()
   results: dict[str, float] = {}
