@@ -14,6 +14,7 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
+  """Every setting with its default and a comment (long on purpose: the one list of all fields, in reading order)."""
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.model = ml_collections.ConfigDict(
