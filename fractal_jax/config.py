@@ -35,6 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
       param_dtype="float32",  # storage dtype of the parameters
       scan_blocks=True,  # nn.scan over the blocks of each level (False: a Python loop)
       remat_policy="none",  # "none", "full" or a jax.checkpoint_policies name
+      kernels="auto",  # "auto": CPU-tuned operations on CPU, standard ones on TPU/GPU; or "cpu" / "standard"
     )
   )
   # Sampling (--mode=sample): hyper-parameters of the official sampler.

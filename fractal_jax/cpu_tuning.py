@@ -18,15 +18,19 @@
    faster with it (alternating A/B on this project's CPU). Matrix products
    go to YNNPACK either way; results are the same up to summation order.
 
-`FRACTAL_JAX_CPU_TUNING=0` skips both; an `--xla_cpu_prefer_vector_width`
-already in `XLA_FLAGS` is left alone. Accelerator runs are unaffected
-(both concern the host CPU's own computations only).
+Both are for runs whose computations execute on the CPU: they are skipped
+when `JAX_PLATFORMS` names another platform first, or when the machine has
+an accelerator (`/dev/accel*` or `/dev/vfio/<n>`: TPU; `/dev/nvidia<n>`:
+GPU) and `JAX_PLATFORMS` does not ask for the CPU. `FRACTAL_JAX_CPU_TUNING=0`
+skips both; an `--xla_cpu_prefer_vector_width` already in `XLA_FLAGS` is
+left alone.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import pathlib
 import platform
 
 # glibc mallopt parameters (malloc.h).
@@ -73,7 +77,22 @@ def apply() -> None:
 
 
 def _enabled() -> bool:
-  return os.environ.get("FRACTAL_JAX_CPU_TUNING", "1") != "0"
+  """Whether this process computes on the CPU and the user has not switched the tuning off."""
+  if os.environ.get("FRACTAL_JAX_CPU_TUNING", "1") == "0":
+    return False
+  platforms = [p.strip() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return platforms[0] == "cpu"
+  return not accelerator_present()
+
+
+def accelerator_present() -> bool:
+  """A TPU or NVIDIA GPU device file exists (JAX would run on it rather than the CPU)."""
+  dev = pathlib.Path("/dev")
+  patterns = ("accel[0-9]*", "nvidia[0-9]*")
+  if any(any(dev.glob(pattern)) for pattern in patterns):
+    return True
+  return any(path.name.isdigit() for path in dev.glob("vfio/*"))
 
 
 def _has_avx512() -> bool:

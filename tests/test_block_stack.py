@@ -1,7 +1,7 @@
 """`BlockStack`'s three execution paths compute the same function, teacher-forced and cached, for both block kinds.
 
-Paths: "scan" (`nn.scan`, what stacks deeper than `LOOP_MAX_DEPTH` run), "loop" (a Python loop over the same
-stacked parameters) and "unscanned" (`blocks_0 ..` parameters).
+Paths: "scan" (`nn.scan`, what every stack runs with standard kernels and stacks deeper than `LOOP_MAX_DEPTH`
+with CPU kernels), "loop" (a Python loop over the same stacked parameters) and "unscanned" (`blocks_0 ..`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ PATHS = ("scan", "loop", "unscanned")
 
 
 def _stack(block_cls, kwargs, path, remat="none"):
-  return block_stack.BlockStack(block_cls, kwargs, DEPTH, scan=path != "unscanned", remat=remat)
+  loop_depth = DEPTH if path == "loop" else 0
+  return block_stack.BlockStack(block_cls, kwargs, DEPTH, scan=path != "unscanned", remat=remat, loop_depth=loop_depth)
 
 
 def _params(block_cls, kwargs, x, **call):
@@ -36,9 +37,8 @@ def _params(block_cls, kwargs, x, **call):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def _apply(block_cls, kwargs, path, params, x, monkeypatch, remat="none", method=None, **call):
+def _apply(block_cls, kwargs, path, params, x, remat="none", method=None, **call):
   """The stack on the given path; parameters in the stacked layout whatever the path."""
-  monkeypatch.setattr(block_stack, "LOOP_MAX_DEPTH", 0 if path == "scan" else DEPTH)
   if path == "unscanned":
     params = block_stack.unstack_block_params(params)
   stack = _stack(block_cls, kwargs, path, remat)
@@ -46,60 +46,58 @@ def _apply(block_cls, kwargs, path, params, x, monkeypatch, remat="none", method
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
-def test_timm_paths_agree_in_value_gradient_and_queries(remat, monkeypatch):
+def test_timm_paths_agree_in_value_gradient_and_queries(remat):
   x = jax.random.normal(jax.random.key(1), (BATCH, 7, TIMM["width"]))
   params = _params(TimmBlock, TIMM, x)
   queries = jnp.asarray([[6, 0], [2, 2]])
 
   def loss(path, p):
-    out, cache = _apply(TimmBlock, TIMM, path, p, x, monkeypatch, remat)
+    out, cache = _apply(TimmBlock, TIMM, path, p, x, remat)
     assert cache is None
     return jnp.sum(jnp.tanh(out))
 
   want, want_grads = jax.value_and_grad(lambda p: loss("unscanned", p))(params)
-  full, _ = _apply(TimmBlock, TIMM, "unscanned", params, x, monkeypatch)
+  full, _ = _apply(TimmBlock, TIMM, "unscanned", params, x)
   for path in PATHS:
     value, grads = jax.value_and_grad(lambda p, path=path: loss(path, p))(params)
     np.testing.assert_allclose(value, want, rtol=1e-5, err_msg=path)
     jax.tree.map(
       lambda a, b, path=path: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=path), grads, want_grads
     )
-    picked, _ = _apply(TimmBlock, TIMM, path, params, x, monkeypatch, queries=queries)
+    picked, _ = _apply(TimmBlock, TIMM, path, params, x, queries=queries)
     np.testing.assert_allclose(picked, jnp.take_along_axis(full, queries[..., None], axis=1), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_llama_paths_agree_and_cached_decoding_equals_teacher_forcing(path, monkeypatch):
+def test_llama_paths_agree_and_cached_decoding_equals_teacher_forcing(path):
   table = jnp.asarray(rotary.rotary_table(2, LLAMA["width"] // LLAMA["heads"]))  # [5, H/2, 2]
   length = table.shape[0]
   x = jax.random.normal(jax.random.key(2), (BATCH, length, LLAMA["width"]))
   params = _params(LlamaBlock, LLAMA, x, rotary=table)
-  forced, _ = _apply(LlamaBlock, LLAMA, "unscanned", params, x, monkeypatch, rotary=table)
-  out, cache = _apply(LlamaBlock, LLAMA, path, params, x, monkeypatch, rotary=table)
+  forced, _ = _apply(LlamaBlock, LLAMA, "unscanned", params, x, rotary=table)
+  out, cache = _apply(LlamaBlock, LLAMA, path, params, x, rotary=table)
   assert cache is None
   np.testing.assert_allclose(out, forced, rtol=1e-5, atol=1e-6)
   shape = (DEPTH, BATCH, length, LLAMA["heads"], LLAMA["width"] // LLAMA["heads"])
   cache = KVCache(jnp.zeros(shape), jnp.zeros(shape))
   for t in range(length):
     step, cache = _apply(
-      LlamaBlock, LLAMA, path, params, x[:, t : t + 1], monkeypatch, rotary=table[t : t + 1], position=t, cache=cache
+      LlamaBlock, LLAMA, path, params, x[:, t : t + 1], rotary=table[t : t + 1], position=t, cache=cache
     )
     np.testing.assert_allclose(step[:, 0], forced[:, t], rtol=1e-5, atol=1e-5, err_msg=f"position {t}")
   assert cache.k.shape == shape
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_causal_timm_cached_decoding_equals_teacher_forcing(path, monkeypatch):
+def test_causal_timm_cached_decoding_equals_teacher_forcing(path):
   causal = dict(TIMM, causal=True)
   x = jax.random.normal(jax.random.key(3), (BATCH, 3, TIMM["width"]))
   params = _params(TimmBlock, causal, x)
-  forced, _ = _apply(TimmBlock, causal, "unscanned", params, x, monkeypatch)
+  forced, _ = _apply(TimmBlock, causal, "unscanned", params, x)
   shape = (DEPTH, BATCH, 3, TIMM["heads"], TIMM["width"] // TIMM["heads"])
   cache = KVCache(jnp.zeros(shape), jnp.zeros(shape))
   for t in range(3):
-    step, cache = _apply(
-      TimmBlock, causal, path, params, x[:, t : t + 1], monkeypatch, position=jnp.int32(t), cache=cache
-    )
+    step, cache = _apply(TimmBlock, causal, path, params, x[:, t : t + 1], position=jnp.int32(t), cache=cache)
     np.testing.assert_allclose(step[:, 0], forced[:, t], rtol=1e-5, atol=1e-5, err_msg=f"position {t}")
 
 

@@ -39,3 +39,16 @@ def test_no_wide_vectors_without_avx512(monkeypatch):
   monkeypatch.delenv("XLA_FLAGS", raising=False)
   assert not cpu_tuning.prefer_wide_vectors()
   assert "XLA_FLAGS" not in cpu_tuning.os.environ
+
+
+@pytest.mark.parametrize(
+  "platforms, accelerator, applied",
+  [("cpu", True, True), ("tpu", False, False), ("cuda,cpu", False, False), ("", True, False), ("", False, True)],
+)
+def test_only_runs_that_compute_on_the_cpu_are_tuned(avx512, monkeypatch, platforms, accelerator, applied):
+  """JAX_PLATFORMS decides when set; otherwise a TPU or GPU device file means JAX will not compute on the CPU."""
+  monkeypatch.setenv("JAX_PLATFORMS", platforms)
+  monkeypatch.setenv("XLA_FLAGS", "")
+  monkeypatch.setattr(cpu_tuning, "accelerator_present", lambda: accelerator)
+  assert cpu_tuning.prefer_wide_vectors() == applied
+  assert (FLAG in cpu_tuning.os.environ["XLA_FLAGS"]) == applied

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from fractal_jax.model import rotary
-from fractal_jax.model.block_stack import BlockStack
+from fractal_jax.model.block_stack import LOOP_MAX_DEPTH, BlockStack
 from fractal_jax.model.blocks import KVCache, LlamaBlock
 from fractal_jax.model.layers import dense, layer_norm
 from fractal_jax.model.model_config import LevelSpec
@@ -32,21 +32,26 @@ class ARLevel(nn.Module):
   param_dtype: Any = jnp.float32
   scan: bool = True
   remat: str = "none"
+  cpu_kernels: bool = False  # the CPU-tuned forms of the layers (`blocks` module docstring)
 
   def setup(self) -> None:
     spec = self.spec
-    self.patch_emb = dense(spec.width, ("patch", "embed"), self.dtype, self.param_dtype)
-    self.patch_emb_ln = layer_norm(self.dtype, self.param_dtype)
-    self.cond_emb = dense(spec.width, ("cond", "embed"), self.dtype, self.param_dtype)
+    self.patch_emb = dense(spec.width, ("patch", "embed"), self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
+    self.patch_emb_ln = layer_norm(self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
+    self.cond_emb = dense(spec.width, ("cond", "embed"), self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
     self.pos_embed_learned = self.param(
       "pos_embed_learned",
       nn.with_logical_partitioning(nn.initializers.normal(0.02), (None, "seq", "embed")),
       (1, spec.seq_len + 1, spec.width),
       self.param_dtype,
     )
-    block_kwargs = dict(width=spec.width, heads=spec.heads, dtype=self.dtype, param_dtype=self.param_dtype)
-    self.layers = BlockStack(LlamaBlock, block_kwargs, spec.depth, self.scan, self.remat)
-    self.norm = layer_norm(self.dtype, self.param_dtype)
+    block_kwargs = dict(
+      width=spec.width, heads=spec.heads, dtype=self.dtype, param_dtype=self.param_dtype, cpu_kernels=self.cpu_kernels
+    )
+    self.layers = BlockStack(
+      LlamaBlock, block_kwargs, spec.depth, self.scan, self.remat, loop_depth=LOOP_MAX_DEPTH if self.cpu_kernels else 0
+    )
+    self.norm = layer_norm(self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
 
   def rotary_table(self) -> jax.Array:
     """[L+1, H/2, 2] float32; row 0 (condition token) is zeros."""

@@ -2,19 +2,23 @@
 
 Dimension letters: B batch, T query length, S key length, N heads, H head width.
 
-Attention goes through `jax.nn.dot_product_attention` (XLA's fused attention,
-logits and softmax in float32 for low-precision inputs, as the official code's
-upcast). The one exception is attention-probability dropout, used by the MAR
-levels when training: `jax.nn.dot_product_attention` has no dropout, so that
-case computes the same softmax explicitly (float32 logits) and drops
-probabilities before the value product, exactly where the official code does,
-with a written-out gradient (`_dropout_attention`) whose products XLA's CPU
-matmul library accepts.
+Attention goes through `jax.nn.dot_product_attention` (the backend's fused
+attention, logits and softmax in float32 for low-precision inputs, as the
+official code's upcast). The one exception is attention-probability dropout,
+used by the MAR levels when training: `jax.nn.dot_product_attention` has no
+dropout, so that case computes the same softmax explicitly (float32 logits)
+and drops probabilities before the value product, exactly where the official
+code does (`_dropped_softmax_attention`, differentiated by JAX).
 
-Very short sequences (the pixel heads' three tokens) take `_short_attention`,
-the same softmax written out per query and key position, because on CPU XLA
-runs `dot_product_attention`'s batched 3x3 matrix products with a high cost
-per matrix.
+With CPU kernels (`model_config.ModelSettings.kernels`, the default on CPU)
+two cases take written-out forms that XLA's CPU backend runs faster, the
+same functions (`tests/test_kernels.py`):
+  * dropout attention with a written-out gradient (`_dropout_attention`)
+    whose products XLA's CPU matmul library accepts (autodiff's contract the
+    query axis, which is not minor);
+  * very short sequences (the pixel heads' three tokens): `_short_attention`,
+    the softmax written out per query and key position, because XLA's CPU
+    backend runs batched 3x3 matrix products with a high cost per matrix.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ def dot_product_attention(
   causal: bool,
   dropout_keep: jax.Array | None = None,
   keep_prob: float = 1.0,
+  cpu_kernels: bool = False,
 ) -> jax.Array:
   """Multi-head attention.
 
@@ -47,15 +52,26 @@ def dot_product_attention(
     dropout_keep: bool [B, N, T, S] (training): attention-probability dropout
       keeps these probabilities, scaled by 1 / keep_prob, and zeroes the rest.
     keep_prob: the dropout's keep probability.
+    cpu_kernels: the written-out forms of the module docstring.
 
   Returns:
     [B, T, N, H] in value's dtype.
   """
   if dropout_keep is None:
-    if max(query.shape[1], key.shape[1]) <= SHORT_SEQUENCE:
+    if cpu_kernels and max(query.shape[1], key.shape[1]) <= SHORT_SEQUENCE:
       return _short_attention(query, key, value, causal=causal)
     return jax.nn.dot_product_attention(query, key, value, is_causal=causal)
-  return _dropout_attention(query, key, value, dropout_keep, causal, keep_prob)
+  if cpu_kernels:
+    return _dropout_attention(query, key, value, dropout_keep, causal, keep_prob)
+  return _dropped_softmax_attention(query, key, value, dropout_keep, causal, keep_prob)
+
+
+def _dropped_softmax_attention(
+  query: jax.Array, key: jax.Array, value: jax.Array, keep: jax.Array, causal: bool, keep_prob: float
+) -> jax.Array:
+  """Softmax attention with dropout on the probabilities, differentiated by JAX: [B, T, N, H] in value's dtype."""
+  _, dropped = _dropout_probs(query, key, keep, causal, keep_prob)
+  return jnp.einsum("bnts,bsnh->btnh", dropped, value)
 
 
 def _dropout_probs(

@@ -5,11 +5,12 @@ Dimension letters: B batch, L sequence, D width, Q query positions.
 `BlockStack` is called like one block (`blocks` module docstring) and
 applies `depth` of them. Its parameters come in two layouts:
   * scanned (`scan=True`): created by `nn.scan`, one `blocks` subtree whose
-    leaves have a leading `[depth]` axis. Stacks up to `LOOP_MAX_DEPTH` deep
+    leaves have a leading `[depth]` axis. Stacks up to `loop_depth` deep
     apply these stacked parameters in a Python loop instead of a scan (the
-    same function: a scan's gradient keeps every layer's activations in
-    `[depth, ...]` buffers that a loop does not need); deeper stacks keep
-    the scan, whose compile time does not grow with depth.
+    same function). With CPU kernels `loop_depth` is `LOOP_MAX_DEPTH`: on
+    CPU a scan's gradient keeps every layer's activations in `[depth, ...]`
+    buffers that a loop does not need. Otherwise it is 0: every stack is
+    scanned, whose program and compile time do not grow with depth.
   * unscanned (`scan=False`): `blocks_0 .. blocks_{depth-1}`, applied in a
     Python loop.
 `stack_block_params` / `unstack_block_params` move parameters between the
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 
 from fractal_jax.model.blocks import KVCache
 
-# Scanned stacks up to this depth run as a Python loop over their (still stacked) parameters.
+# With CPU kernels, scanned stacks up to this depth run as a Python loop over their (still stacked) parameters.
 LOOP_MAX_DEPTH = 8
 
 
@@ -48,6 +49,7 @@ class BlockStack(nn.Module):
   depth: int
   scan: bool = True
   remat: str = "none"
+  loop_depth: int = 0  # scanned stacks up to this depth apply their stacked parameters in a loop
 
   @nn.compact
   def __call__(
@@ -74,8 +76,8 @@ class BlockStack(nn.Module):
     """
     block_cls = self.block_cls
     kwargs = dict(self.block_kwargs, deterministic=deterministic)
-    # Parameters are created by nn.scan (stacked layout) but, up to LOOP_MAX_DEPTH, applied in a loop.
-    loop_scanned = self.scan and self.depth <= LOOP_MAX_DEPTH and not self.is_initializing()
+    # Parameters are created by nn.scan (stacked layout) but, up to `loop_depth`, applied in a loop.
+    loop_scanned = self.scan and self.depth <= self.loop_depth and not self.is_initializing()
     if self.remat != "none":
       # prevent_cse is only needed outside scan (scan already prevents CSE across steps).
       uses_scan = self.scan and not loop_scanned

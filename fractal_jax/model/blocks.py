@@ -21,6 +21,10 @@ with x [B, T, D]. `rotary` ([T, H/2, 2] rotary rows of the tokens) is for
 `cache` (this layer's keys and values [B, S, N, H]) the call is one causal
 decoding step: T = 1, the token at `position`, and the returned cache holds
 its key and value. `block_stack.BlockStack` stacks blocks.
+
+`cpu_kernels` (every module here) selects the CPU-tuned forms of the layers,
+attention, dropout masks and SwiGLU's fused product; without it the
+standard Flax/JAX operations run (`model_config.ModelSettings.kernels`).
 """
 
 from __future__ import annotations
@@ -77,6 +81,7 @@ class LlamaAttention(nn.Module):
   heads: int
   dtype: Dtype
   param_dtype: Dtype
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(
@@ -95,17 +100,21 @@ class LlamaAttention(nn.Module):
     """
     batch, length, _ = x.shape
     head_dim = self.width // self.heads
-    qkv = dense(3 * self.width, ("embed", "qkv"), self.dtype, self.param_dtype, use_bias=False, name="wqkv")(x)
+    cpu = self.cpu_kernels
+    qkv = dense(
+      3 * self.width, ("embed", "qkv"), self.dtype, self.param_dtype, use_bias=False, name="wqkv", cpu_kernels=cpu
+    )(x)
     qkv = qkv.reshape(batch, length, 3, self.heads, head_dim)
     q, k, v = split_qkv(qkv)
     q = rotary.apply_rotary(q, table)
     k = rotary.apply_rotary(k, table)
     if cache is None:
-      out = attention.dot_product_attention(q, k, v, causal=True)
+      out = attention.dot_product_attention(q, k, v, causal=True, cpu_kernels=cpu)
     else:
       out, cache = attend_with_cache(q, k, v, cache, position)
     out = out.reshape(batch, length, self.width)
-    return dense(self.width, ("heads", "embed"), self.dtype, self.param_dtype, use_bias=False, name="wo")(out), cache
+    wo = dense(self.width, ("heads", "embed"), self.dtype, self.param_dtype, use_bias=False, name="wo", cpu_kernels=cpu)
+    return wo(out), cache
 
 
 class SwiGLU(nn.Module):
@@ -114,20 +123,31 @@ class SwiGLU(nn.Module):
   width: int
   dtype: Dtype
   param_dtype: Dtype
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     hidden = swiglu_hidden(self.width)
-    # w1 and w3 as one [D, 2F] product: one larger matrix product (and one for the input gradient) rather
-    # than two that XLA's CPU backend runs side by side.
-    w1 = Kernel(hidden, ("embed", "mlp"), self.param_dtype, name="w1")(x.shape[-1])
-    w3 = Kernel(hidden, ("embed", "mlp"), self.param_dtype, name="w3")(x.shape[-1])
-    kernel = jnp.concatenate([w1, w3], axis=1).astype(self.dtype)
-    both = jnp.dot(x.reshape(-1, x.shape[-1]).astype(self.dtype), kernel)  # [M, 2F], flattened as `Dense`
-    gate, up = jnp.split(both.reshape(*x.shape[:-1], 2 * hidden), 2, axis=-1)
-    return dense(self.width, ("mlp", "embed"), self.dtype, self.param_dtype, use_bias=False, name="w2")(
-      nn.silu(gate) * up
+    w1 = Kernel(hidden, ("embed", "mlp"), self.param_dtype, name="w1")(x.shape[-1]).astype(self.dtype)
+    w3 = Kernel(hidden, ("embed", "mlp"), self.param_dtype, name="w3")(x.shape[-1]).astype(self.dtype)
+    x = x.astype(self.dtype)
+    if self.cpu_kernels:
+      # w1 and w3 as one [D, 2F] product of the flattened input: one larger matrix product (and one for the input
+      # gradient) rather than two that XLA's CPU backend runs side by side.
+      both = jnp.dot(x.reshape(-1, x.shape[-1]), jnp.concatenate([w1, w3], axis=1))
+      gate, up = jnp.split(both.reshape(*x.shape[:-1], 2 * hidden), 2, axis=-1)
+    else:
+      gate, up = x @ w1, x @ w3
+    w2 = dense(
+      self.width,
+      ("mlp", "embed"),
+      self.dtype,
+      self.param_dtype,
+      use_bias=False,
+      name="w2",
+      cpu_kernels=self.cpu_kernels,
     )
+    return w2(nn.silu(gate) * up)
 
 
 class LlamaBlock(nn.Module):
@@ -140,6 +160,7 @@ class LlamaBlock(nn.Module):
   deterministic: bool = True
   resid_dropout: float = 0.1  # official AR: fixed, whatever the flags say
   ffn_dropout: float = 0.1
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(
@@ -156,13 +177,14 @@ class LlamaBlock(nn.Module):
       raise ValueError("LlamaBlock needs the rotary rows of its tokens (rotary=[T, H/2, 2])")
     if queries is not None:
       raise ValueError("query selection is for bidirectional TimmBlocks")
-    attn = LlamaAttention(self.width, self.heads, self.dtype, self.param_dtype, name="attention")
+    cpu = self.cpu_kernels
+    attn = LlamaAttention(self.width, self.heads, self.dtype, self.param_dtype, cpu, name="attention")
     h = RMSNorm(param_dtype=self.param_dtype, name="attention_norm")(x)
     h, cache = attn(h, rotary, cache, position)
-    x = x + Dropout(self.resid_dropout)(h, deterministic=self.deterministic)
+    x = x + Dropout(self.resid_dropout, cpu_kernels=cpu)(h, deterministic=self.deterministic)
     h = RMSNorm(param_dtype=self.param_dtype, name="ffn_norm")(x)
-    h = SwiGLU(self.width, self.dtype, self.param_dtype, name="feed_forward")(h)
-    x = x + Dropout(self.ffn_dropout)(h, deterministic=self.deterministic)
+    h = SwiGLU(self.width, self.dtype, self.param_dtype, cpu, name="feed_forward")(h)
+    x = x + Dropout(self.ffn_dropout, cpu_kernels=cpu)(h, deterministic=self.deterministic)
     return x, cache
 
 
@@ -177,6 +199,7 @@ class TimmAttention(nn.Module):
   deterministic: bool
   dtype: Dtype
   param_dtype: Dtype
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(
@@ -192,7 +215,8 @@ class TimmAttention(nn.Module):
     """
     batch, length, _ = x.shape
     head_dim = self.width // self.heads
-    qkv = dense(3 * self.width, ("embed", "qkv"), self.dtype, self.param_dtype, name="qkv")(x)
+    cpu = self.cpu_kernels
+    qkv = dense(3 * self.width, ("embed", "qkv"), self.dtype, self.param_dtype, name="qkv", cpu_kernels=cpu)(x)
     qkv = qkv.reshape(batch, length, 3, self.heads, head_dim)
     q, k, v = split_qkv(qkv)
     if queries is not None:
@@ -205,14 +229,14 @@ class TimmAttention(nn.Module):
     else:
       keep = None
       if self.attn_dropout > 0 and not self.deterministic:
-        keep = Dropout(self.attn_dropout).keep_mask((batch, self.heads, length, k.shape[1]))
+        keep = Dropout(self.attn_dropout, cpu_kernels=cpu).keep_mask((batch, self.heads, length, k.shape[1]))
       out = attention.dot_product_attention(
-        q, k, v, causal=self.causal, dropout_keep=keep, keep_prob=1.0 - self.attn_dropout
+        q, k, v, causal=self.causal, dropout_keep=keep, keep_prob=1.0 - self.attn_dropout, cpu_kernels=cpu
       )
-    out = dense(self.width, ("heads", "embed"), self.dtype, self.param_dtype, name="proj")(
+    out = dense(self.width, ("heads", "embed"), self.dtype, self.param_dtype, name="proj", cpu_kernels=cpu)(
       out.reshape(batch, length, self.width)
     )
-    return Dropout(self.proj_dropout)(out, deterministic=self.deterministic), cache
+    return Dropout(self.proj_dropout, cpu_kernels=cpu)(out, deterministic=self.deterministic), cache
 
 
 class TimmMlp(nn.Module):
@@ -223,13 +247,15 @@ class TimmMlp(nn.Module):
   deterministic: bool
   dtype: Dtype
   param_dtype: Dtype
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    h = dense(4 * self.width, ("embed", "mlp"), self.dtype, self.param_dtype, name="fc1")(x)
-    h = Dropout(self.dropout)(gelu(h), deterministic=self.deterministic)
-    h = dense(self.width, ("mlp", "embed"), self.dtype, self.param_dtype, name="fc2")(h)
-    return Dropout(self.dropout)(h, deterministic=self.deterministic)
+    cpu = self.cpu_kernels
+    h = dense(4 * self.width, ("embed", "mlp"), self.dtype, self.param_dtype, name="fc1", cpu_kernels=cpu)(x)
+    h = Dropout(self.dropout, cpu_kernels=cpu)(gelu(h, cpu_kernels=cpu), deterministic=self.deterministic)
+    h = dense(self.width, ("mlp", "embed"), self.dtype, self.param_dtype, name="fc2", cpu_kernels=cpu)(h)
+    return Dropout(self.dropout, cpu_kernels=cpu)(h, deterministic=self.deterministic)
 
 
 class TimmBlock(nn.Module):
@@ -243,6 +269,7 @@ class TimmBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   deterministic: bool = True
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(
@@ -262,7 +289,8 @@ class TimmBlock(nn.Module):
     """
     if rotary is not None:
       raise ValueError("TimmBlocks use learned positions, not rotary embeddings")
-    h = layer_norm(self.dtype, self.param_dtype, name="norm1")(x)
+    cpu = self.cpu_kernels
+    h = layer_norm(self.dtype, self.param_dtype, name="norm1", cpu_kernels=cpu)(x)
     h, cache = TimmAttention(
       self.width,
       self.heads,
@@ -272,11 +300,12 @@ class TimmBlock(nn.Module):
       self.deterministic,
       self.dtype,
       self.param_dtype,
+      cpu,
       name="attn",
     )(h, cache, position, queries)
     if queries is not None:
       x = jnp.take_along_axis(x, queries[:, :, None], axis=1)
     x = x + h
-    h = layer_norm(self.dtype, self.param_dtype, name="norm2")(x)
-    mlp = TimmMlp(self.width, self.proj_dropout, self.deterministic, self.dtype, self.param_dtype, name="mlp")
+    h = layer_norm(self.dtype, self.param_dtype, name="norm2", cpu_kernels=cpu)(x)
+    mlp = TimmMlp(self.width, self.proj_dropout, self.deterministic, self.dtype, self.param_dtype, cpu, name="mlp")
     return x + mlp(h), cache

@@ -70,7 +70,14 @@ def bernoulli(key: jax.Array, p: float, shape: Sequence[int]) -> jax.Array:
 
 
 class Dropout(nn.Dropout):
-  """`nn.Dropout` with `bernoulli` above: the same rng (same module names), masks and outputs."""
+  """`nn.Dropout`, with the keep mask from `bernoulli` above when `cpu_kernels`: the same rng, masks and outputs.
+
+  Without `cpu_kernels` the mask is `jax.random.bernoulli`'s (standard JAX),
+  which on CPU lowers the hash as a loop and is slow there. `keep_mask` gives
+  the mask on its own, for attention-probability dropout.
+  """
+
+  cpu_kernels: bool = False
 
   @nn.compact
   def __call__(self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None) -> jax.Array:
@@ -89,4 +96,5 @@ class Dropout(nn.Dropout):
     broadcast_shape = list(shape)
     for dim in self.broadcast_dims:
       broadcast_shape[dim] = 1
-    return jnp.broadcast_to(bernoulli(rng, 1.0 - self.rate, broadcast_shape), tuple(shape))
+    draw = bernoulli if self.cpu_kernels else jax.random.bernoulli
+    return jnp.broadcast_to(draw(rng, 1.0 - self.rate, broadcast_shape), tuple(shape))

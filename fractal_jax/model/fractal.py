@@ -117,7 +117,9 @@ class FractalModel(nn.Module):
   def setup(self) -> None:
     s = self.settings
     dtype, param_dtype = jnp.dtype(s.dtype), jnp.dtype(s.param_dtype)
-    common = dict(dtype=dtype, param_dtype=param_dtype, scan=s.scan_blocks, remat=s.remat_policy)
+    common = dict(
+      dtype=dtype, param_dtype=param_dtype, scan=s.scan_blocks, remat=s.remat_policy, cpu_kernels=s.kernels == "cpu"
+    )
     init = nn.initializers.normal(0.02)
     self.class_emb = nn.Embed(
       s.num_classes,

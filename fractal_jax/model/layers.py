@@ -5,9 +5,13 @@ Dimension letters: M rows, D input width, F output width.
 `dense` builds a Linear layer initialised as the official code (xavier
 uniform, zero bias) with logical axis names for sharding; `layer_norm`
 builds the timm/official LayerNorm (eps 1e-6); `RMSNorm` is LlamaGen's.
-`Dense` and `LayerNorm` compute exactly the function of their `flax.linen`
-parents (same parameters); they differ only in how XLA is asked to compute
-it, which matters on CPU.
+
+With CPU kernels (`model_config.ModelSettings.kernels`, the default on CPU)
+they build `Dense` and `LayerNorm`, which compute exactly the function of
+their `flax.linen` parents with the same parameters and differ only in how
+XLA is asked to compute it, which matters on CPU; on TPU and GPU the
+standard `nn.Dense` and `nn.LayerNorm` run. `tests/test_kernels.py` checks
+that each pair agrees in value and gradient.
 """
 
 from __future__ import annotations
@@ -49,12 +53,15 @@ def dense(
   param_dtype: Dtype,
   use_bias: bool = True,
   name: str | None = None,
+  *,
+  cpu_kernels: bool = False,
 ) -> nn.Dense:
   """A Linear layer initialised like the official code (xavier-uniform, zero bias).
 
   `axes`: logical names of the kernel's (input, output) axes (`fractal_jax.parallel.sharding`).
+  `cpu_kernels`: the flattened `Dense` (CPU) instead of `nn.Dense`.
   """
-  return Dense(
+  return (Dense if cpu_kernels else nn.Dense)(
     features,
     use_bias=use_bias,
     dtype=dtype,
@@ -141,9 +148,12 @@ class LayerNorm(nn.LayerNorm):
     return _layer_norm(x, scale, bias, self.epsilon, jnp.dtype(dtype))
 
 
-def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None) -> nn.LayerNorm:
-  """The official LayerNorm (eps 1e-6, scale and bias over the last axis): [..., D] -> [..., D] in `dtype`."""
-  return LayerNorm(
+def layer_norm(dtype: Dtype, param_dtype: Dtype, name: str | None = None, *, cpu_kernels: bool = False) -> nn.LayerNorm:
+  """The official LayerNorm (eps 1e-6, scale and bias over the last axis): [..., D] -> [..., D] in `dtype`.
+
+  `cpu_kernels`: `LayerNorm` with its written-out gradient (CPU) instead of `nn.LayerNorm`.
+  """
+  return (LayerNorm if cpu_kernels else nn.LayerNorm)(
     epsilon=1e-6,
     dtype=dtype,
     param_dtype=param_dtype,
@@ -169,12 +179,15 @@ class RMSNorm(nn.Module):
     return normed.astype(x.dtype) * scale.astype(x.dtype)
 
 
-def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, written as PyTorch's `nn.GELU`: x/2 * (1 + erf(x / sqrt 2)); same shape and dtype.
+def gelu(x: jax.Array, *, cpu_kernels: bool = False) -> jax.Array:
+  """Exact (erf) GELU, PyTorch's `nn.GELU`: same shape and dtype.
 
-  `nn.gelu(approximate=False)` computes the same function as x/2 * erfc(-x / sqrt 2); XLA's CPU
-  erfc is several times as costly as its erf.
+  `nn.gelu(approximate=False)` computes it as x/2 * erfc(-x / sqrt 2); with
+  `cpu_kernels` it is written x/2 * (1 + erf(x / sqrt 2)), the same function,
+  because XLA's CPU erfc is several times as costly as its erf.
   """
+  if not cpu_kernels:
+    return nn.gelu(x, approximate=False)
   return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))
 
 

@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fractal_jax.model.block_stack import BlockStack
+from fractal_jax.model.block_stack import LOOP_MAX_DEPTH, BlockStack
 from fractal_jax.model.blocks import TimmBlock
 from fractal_jax.model.layers import dense, layer_norm
 from fractal_jax.model.model_config import LevelSpec
@@ -42,6 +42,7 @@ class MARLevel(nn.Module):
   param_dtype: Any = jnp.float32
   scan: bool = True
   remat: str = "none"
+  cpu_kernels: bool = False  # the CPU-tuned forms of the layers (`blocks` module docstring)
 
   def setup(self) -> None:
     spec = self.spec
@@ -49,9 +50,9 @@ class MARLevel(nn.Module):
     self.mask_token = self.param(
       "mask_token", nn.with_logical_partitioning(init, (None, None, "embed")), (1, 1, spec.width), self.param_dtype
     )
-    self.patch_emb = dense(spec.width, ("patch", "embed"), self.dtype, self.param_dtype)
-    self.patch_emb_ln = layer_norm(self.dtype, self.param_dtype)
-    self.cond_emb = dense(spec.width, ("cond", "embed"), self.dtype, self.param_dtype)
+    self.patch_emb = dense(spec.width, ("patch", "embed"), self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
+    self.patch_emb_ln = layer_norm(self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
+    self.cond_emb = dense(spec.width, ("cond", "embed"), self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
     num_prefix = spec.num_conds + int(spec.guiding_pixel)
     self.pos_embed_learned = self.param(
       "pos_embed_learned",
@@ -60,7 +61,7 @@ class MARLevel(nn.Module):
       self.param_dtype,
     )
     if spec.guide_head is not None:
-      self.pix_proj = dense(spec.width, ("patch", "embed"), self.dtype, self.param_dtype)
+      self.pix_proj = dense(spec.width, ("patch", "embed"), self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
       self.guiding_pixel_loss = PixelHead(
         width=spec.guide_head.width,
         depth=spec.guide_head.depth,
@@ -69,6 +70,7 @@ class MARLevel(nn.Module):
         param_dtype=self.param_dtype,
         scan=self.scan,
         remat=self.remat,
+        cpu_kernels=self.cpu_kernels,
       )
     block_kwargs = dict(
       width=spec.width,
@@ -78,9 +80,12 @@ class MARLevel(nn.Module):
       proj_dropout=self.proj_dropout,
       dtype=self.dtype,
       param_dtype=self.param_dtype,
+      cpu_kernels=self.cpu_kernels,
     )
-    self.layers = BlockStack(TimmBlock, block_kwargs, spec.depth, self.scan, self.remat)
-    self.norm = layer_norm(self.dtype, self.param_dtype)
+    self.layers = BlockStack(
+      TimmBlock, block_kwargs, spec.depth, self.scan, self.remat, loop_depth=LOOP_MAX_DEPTH if self.cpu_kernels else 0
+    )
+    self.norm = layer_norm(self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
 
   def guiding_channel_logits(self, cond: jax.Array, ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Guiding-pixel head: (middle cond [N, Dc], ids [N, 3] int) -> R, G, B logits, [N, 256] float32 each."""

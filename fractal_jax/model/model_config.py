@@ -31,6 +31,7 @@ GENERATOR_TYPES = ("ar", "mar")
 PIXEL_TYPE = "pixel"
 MAX_CONDS = 5  # middle, top, right, bottom, left
 DTYPES = ("float32", "bfloat16", "float16")
+KERNELS = ("auto", "standard", "cpu")
 REMAT_POLICIES = (
   "none",
   "full",
@@ -269,6 +270,7 @@ class ModelSettings:
   param_dtype: str
   scan_blocks: bool
   remat_policy: str
+  kernels: str = "standard"  # "cpu" or "standard" (`resolve_kernels`): how the modules compute
 
   @property
   def img_size(self) -> int:
@@ -279,9 +281,37 @@ class ModelSettings:
     return self.levels[0].cond_width
 
 
-def settings(model_cfg: Any) -> ModelSettings:
-  """Validates `config.model` and freezes it into `ModelSettings`."""
+def resolve_kernels(name: str, platform: str | None = None) -> str:
+  """`config.model.kernels` -> "cpu" or "standard" for computations on `platform` (default: JAX's backend).
+
+  Some operations have CPU-tuned forms (the flattened Dense, LayerNorm's and
+  dropout attention's written-out gradients, short-sequence attention,
+  unrolled dropout hashes, SwiGLU's fused product, block stacks of up to 8
+  applied as loops): each was measured faster with XLA's CPU backend and
+  computes the same function as the standard operation it replaces
+  (`tests/test_kernels.py`). "auto" takes them on CPU only; TPU and GPU run
+  the standard Flax/JAX operations, which their compilers fuse themselves.
+  """
+  if name not in KERNELS:
+    raise ConfigError(f"config.model.kernels={name!r}; use one of {KERNELS}.")
+  if name != "auto":
+    return name
+  if platform is None:
+    import jax
+
+    platform = jax.default_backend()
+  return "cpu" if platform == "cpu" else "standard"
+
+
+def settings(model_cfg: Any, platform: str | None = None) -> ModelSettings:
+  """Validates `config.model` and freezes it into `ModelSettings`.
+
+  `platform` ("cpu", "tpu", "gpu") decides `kernels="auto"` (`resolve_kernels`); default: JAX's backend.
+  """
   levels, pixel = validate(model_cfg)
+  kernels = (
+    model_cfg.get("kernels", "auto") if isinstance(model_cfg, Mapping) else getattr(model_cfg, "kernels", "auto")
+  )
   return ModelSettings(
     levels=levels,
     pixel=pixel,
@@ -293,4 +323,5 @@ def settings(model_cfg: Any) -> ModelSettings:
     param_dtype=str(_get(model_cfg, "param_dtype")),
     scan_blocks=bool(_get(model_cfg, "scan_blocks")),
     remat_policy=str(_get(model_cfg, "remat_policy")),
+    kernels=resolve_kernels(str(kernels), platform),
   )

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fractal_jax.model.block_stack import BlockStack
+from fractal_jax.model.block_stack import LOOP_MAX_DEPTH, BlockStack
 from fractal_jax.model.blocks import KVCache, TimmBlock
 from fractal_jax.model.layers import dense, layer_norm
 
@@ -84,6 +84,7 @@ class PixelHead(nn.Module):
   param_dtype: Any = jnp.float32
   scan: bool = True
   remat: str = "none"
+  cpu_kernels: bool = False  # the CPU-tuned forms of the layers (`blocks` module docstring)
 
   def setup(self) -> None:
     emb_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
@@ -99,11 +100,20 @@ class PixelHead(nn.Module):
       )
       for c in CHANNELS
     ]
-    self.cond_proj = dense(self.width, ("cond", "embed"), self.dtype, self.param_dtype)
-    self.ln = layer_norm(self.dtype, self.param_dtype)
-    block_kwargs = dict(width=self.width, heads=self.heads, causal=True, dtype=self.dtype, param_dtype=self.param_dtype)
-    self.layers = BlockStack(TimmBlock, block_kwargs, self.depth, self.scan, self.remat)
-    self.norm = layer_norm(self.dtype, self.param_dtype)
+    self.cond_proj = dense(self.width, ("cond", "embed"), self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
+    self.ln = layer_norm(self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
+    block_kwargs = dict(
+      width=self.width,
+      heads=self.heads,
+      causal=True,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
+      cpu_kernels=self.cpu_kernels,
+    )
+    self.layers = BlockStack(
+      TimmBlock, block_kwargs, self.depth, self.scan, self.remat, loop_depth=LOOP_MAX_DEPTH if self.cpu_kernels else 0
+    )
+    self.norm = layer_norm(self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
 
   def _token(self, cond: jax.Array, ids: jax.Array, position: int) -> jax.Array:
     """Input token `position` [N, W]: the condition, then the R and G embeddings."""

@@ -1,4 +1,4 @@
-"""Random draws of the sampler: per-item keys, the guidance rule on logits, and inverse-CDF categorical draws.
+"""Random draws of the sampler: per-item keys, the guidance rule on logits, and the pixel values' draws.
 
 Dimension letters: N items, V values per draw (256 for a pixel channel).
 
@@ -58,3 +58,19 @@ def categorical(logits: jax.Array, uniform: jax.Array) -> jax.Array:
   cdf = jnp.dot(probs, lower, precision=jax.lax.Precision.HIGHEST)
   threshold = uniform[:, None] * cdf[:, -1:]
   return jnp.sum(cdf <= threshold, axis=-1).astype(jnp.int32)
+
+
+def channel_ids(logits: jax.Array, keys: jax.Array, channel: int, *, inverse_cdf: bool) -> jax.Array:
+  """Ids [N] int32 of one pixel channel drawn from softmax(logits [N, V]) with the items' keys [N].
+
+  With `inverse_cdf` (CPU kernels) item n inverts its CDF at the channel's
+  entry of `uniform(keys[n], (3,))` (`categorical`); otherwise it takes
+  `jax.random.categorical(fold_in(keys[n], channel), logits[n])` (Gumbel-max,
+  the standard draw). Both draw exactly from the softmax; they give different
+  samples for the same key.
+  """
+  if inverse_cdf:
+    uniforms = jax.vmap(lambda k: jax.random.uniform(k, (3,)))(keys)  # [N, 3]: one number per channel
+    return categorical(logits, uniforms[:, channel])
+  channel_keys = fold_keys(keys, channel)
+  return jax.vmap(jax.random.categorical)(channel_keys, logits.astype(jnp.float32)).astype(jnp.int32)

@@ -22,8 +22,8 @@ program holds one copy of each level's loop, nested. Per level:
   computed at the step's slots only, not at all L. With a guiding pixel the
   level first samples the patch's mean colour.
 * Pixel head (`pixel_ids`): R, G, B in order, one new token each (KV cache),
-  each drawn by inverting its CDF at one uniform number
-  (`draws.categorical`). The temperature multiplies the logits (official
+  each drawn by inverting its CDF at one uniform number with CPU kernels,
+  by `jax.random.categorical` otherwise (`draws.channel_ids`). The temperature multiplies the logits (official
   semantics: 1.1 sharpens); with guidance, `draws.guided_logits`.
 
 Guidance: both halves share the partial image (sampled values are written
@@ -195,14 +195,14 @@ class Recursion:
     """
     num = keys.shape[0]
     ids = jnp.zeros((num, 3), jnp.int32)
-    uniforms = jax.vmap(lambda k: jax.random.uniform(k, (3,)))(keys)  # [N, 3]: one draw per channel
+    inverse_cdf = self.model.settings.kernels == "cpu"
     cache = self._run(lambda m: head(m).init_cache, batch=cond.shape[0])
     for channel in range(3):
       logits, cache = self._run(lambda m: head(m).decode, cond=cond, ids=self.dup(ids), channel=channel, cache=cache)
       logits = logits * self.hyper.temperature
       if self.plan.guided:
         logits = draws.guided_logits(logits[:num], logits[num:], cfg[:, None], self.hyper.filter_threshold)
-      sampled = draws.categorical(logits, uniforms[:, channel])
+      sampled = draws.channel_ids(logits, keys, channel, inverse_cdf=inverse_cdf)
       if known is not None:
         sampled = jnp.where(known.mask, known.ids[:, channel], sampled)
       ids = ids.at[:, channel].set(sampled)
