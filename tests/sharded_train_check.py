@@ -2,7 +2,9 @@
 
 1. One training step with the batch over a (data=4, fsdp=2) mesh and the
    parameters and optimizer state FSDP-sharded by the config's logical-axis
-   rules equals the same step on one device (loss and updated parameters).
+   rules equals the same step on one device (loss and updated parameters);
+   with the argument `deep`, for a model whose levels 0 and 1 are 9-block
+   scanned stacks (standard kernels, as on TPU), and nothing else.
 2. With fsdp=8, a state created born-sharded (`jit(init, out_shardings)`)
    puts about 1/8 of the parameter and optimizer bytes on each device.
 Exits non-zero otherwise.
@@ -36,8 +38,7 @@ def state_shardings(model, opt, device_mesh):
   return train_step.TrainState(replicated, params, sharding.opt_state_shardings(opt, params, abstract, device_mesh))
 
 
-def check_step_equals_single_device() -> None:
-  s = tiny_models.settings("mar_2", widths=(16, 8))
+def check_step_equals_single_device(s) -> None:
   model = fractal.build(s)
   opt = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-3, 2, 10))
   state = train_step.init_state(tiny_models.init_params(s), opt)
@@ -50,7 +51,7 @@ def check_step_equals_single_device() -> None:
   device_mesh = mesh.make_mesh((4, 2, 1))
   shardings = state_shardings(model, opt, device_mesh)
   kernel = shardings.params["levels_0"]["layers"]["blocks"]["mlp"]["fc1"]["kernel"]
-  assert kernel.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), kernel.spec
+  assert kernel.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor"), kernel.spec  # [depth, D, 4D]
   replicated = mesh.replicated(device_mesh)
   batch = NamedSharding(device_mesh, mesh.batch_spec())
   # As the trainer: the loss compacts the items of each batch shard on its own.
@@ -96,5 +97,8 @@ def check_fsdp_memory() -> None:
 
 if __name__ == "__main__":
   assert jax.device_count() == 8, jax.devices()
-  check_step_equals_single_device()
-  check_fsdp_memory()
+  if sys.argv[1:] == ["deep"]:  # levels 0 and 1 with 9 blocks, scanned as on TPU (standard kernels)
+    check_step_equals_single_device(tiny_models.deep_settings("mar_mar", kernels="standard"))
+  else:
+    check_step_equals_single_device(tiny_models.settings("mar_2", widths=(16, 8)))
+    check_fsdp_memory()

@@ -23,9 +23,9 @@ def test_resolve_shape():
     mesh.resolve_shape((-1, -1, 1), 8)
 
 
-def _run_on_8_devices(script: str) -> subprocess.CompletedProcess:
+def _run_on_8_devices(script: str, *args: str) -> subprocess.CompletedProcess:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  command = [sys.executable, str(ROOT / "tests" / script)]
+  command = [sys.executable, str(ROOT / "tests" / script), *args]
   return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 

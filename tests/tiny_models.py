@@ -53,6 +53,28 @@ FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
+# Deep stacks: levels 0 and 1 deeper than block_stack.LOOP_MAX_DEPTH (paper configs' level 0 has 24-40 blocks).
+DEEP = 9
+DEEP_FAMILIES: dict[str, dict[str, Any]] = {
+  "ar_ar": dict(
+    img_size_list=(4, 2, 1), widths=(16, 16, 8), depths=(DEEP, DEEP, 1), heads=(2, 2, 2), types=("ar", "ar", "pixel")
+  ),
+  "mar_mar": dict(
+    img_size_list=(4, 2, 1),
+    widths=(12, 12, 8),
+    depths=(DEEP, DEEP, 1),
+    heads=(3, 2, 2),
+    types=("mar", "mar", "pixel"),
+    num_conds=5,
+  ),
+}
+
+
+def deep_settings(family: str, **overrides: Any) -> model_config.ModelSettings:
+  """A tiny model whose levels 0 and 1 have `DEEP` blocks."""
+  return settings(family, **{**DEEP_FAMILIES[family], **overrides})
+
+
 def model_cfg(family: str, **overrides: Any):
   config = base_config()
   config.model.num_classes = 7

@@ -58,14 +58,14 @@ def _common(model_settings: ModelSettings) -> dict[str, Any]:
   return dict(dtype=jnp.dtype(model_settings.dtype), param_dtype=jnp.float32, scan=False)
 
 
-def _pixel_head_flops(head: PixelHeadSpec, model_settings: ModelSettings, num_items: int) -> float:
+def pixel_head_flops(head: PixelHeadSpec, model_settings: ModelSettings, num_items: int) -> float:
   """Forward FLOPs of a pixel head on `num_items` pixels."""
   module = PixelHead(head.width, head.depth, head.heads, **_common(model_settings))
   cond = jax.ShapeDtypeStruct((num_items, head.cond_width), jnp.float32)
   return _flops(module, cond, jax.ShapeDtypeStruct((num_items, 3), jnp.int32))
 
 
-def _level_flops(spec: LevelSpec, model_settings: ModelSettings, num_items: int) -> float:
+def level_flops(spec: LevelSpec, model_settings: ModelSettings, num_items: int) -> float:
   """Forward FLOPs of a generator level (with its guiding-pixel head) on `num_items` items."""
   common = _common(model_settings)
   abstract = jax.ShapeDtypeStruct
@@ -77,7 +77,7 @@ def _level_flops(spec: LevelSpec, model_settings: ModelSettings, num_items: int)
   guide = abstract((num_items, 3), jnp.float32) if spec.guiding_pixel else None
   flops = _flops(MARLevel(spec, **common), patches, conds, mask, guide)
   if spec.guide_head is not None:
-    flops += _pixel_head_flops(spec.guide_head, model_settings, num_items)
+    flops += pixel_head_flops(spec.guide_head, model_settings, num_items)
   return flops
 
 
@@ -89,7 +89,7 @@ def summarize(model_settings: ModelSettings, with_flops: bool = True) -> list[Le
   levels = model_settings.levels
   for spec in levels:
     num_items = items_per_image(levels, spec.index)
-    flops = _level_flops(spec, model_settings, num_items) if with_flops else float("nan")
+    flops = level_flops(spec, model_settings, num_items) if with_flops else float("nan")
     rows.append(
       LevelRow(
         f"level {spec.index}" + (" (+guiding pixel)" if spec.guiding_pixel else ""),
@@ -106,7 +106,7 @@ def summarize(model_settings: ModelSettings, with_flops: bool = True) -> list[Le
     )
   pixel = model_settings.pixel
   num_pixels = items_per_image(levels, len(levels))
-  pixel_flops = _pixel_head_flops(pixel, model_settings, num_pixels) if with_flops else float("nan")
+  pixel_flops = pixel_head_flops(pixel, model_settings, num_pixels) if with_flops else float("nan")
   pixel_params = fractal.count_params(params["pixel_head"])
   name = f"level {len(levels)}"
   rows.append(

@@ -84,6 +84,14 @@ class Slice:
   chips_per_host_bounds: tuple[int, int, int] | None = None
 
   @property
+  def accelerator_type(self) -> str:
+    """The Cloud TPU name of the slice (`v5p-16`, `v5litepod-4`, `v6e-8`)."""
+    generation = self.topology.split(":")[0]
+    if generation == "v5p":
+      return f"v5p-{2 * self.num_chips}"
+    return f"{'v5litepod' if generation == 'v5e' else generation}-{self.num_chips}"
+
+  @property
   def num_chips(self) -> int:
     dims = [int(d) for d in self.topology.split(":")[1].split("x")]
     count = 1
@@ -128,7 +136,10 @@ def _host_bounds(generation: str, dims: str) -> tuple[int, int, int] | None:
 
 def tpu_devices(slice_: Slice) -> list[Any]:
   """The slice's devices as libtpu describes them (abstract: they compile, they do not run)."""
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server: this machine is not a TPU VM
+  # What a TPU VM's metadata server would say: libtpu asks for it (and logs warnings) when it starts.
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", slice_.accelerator_type)
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   from jax.experimental import topologies
 
   kwargs: dict[str, Any] = {}

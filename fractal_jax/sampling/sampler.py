@@ -43,6 +43,7 @@ __all__ = [
   "SamplePlan",
   "check_known",
   "compile_sample",
+  "lower_sample",
   "make_plan",
   "sample",
 ]
@@ -186,6 +187,32 @@ def sample(
   return _sample_jit(model.settings, plan, mesh, params, labels, jnp.asarray(image_ids, jnp.int32), key, hyper, known)
 
 
+def lower_sample(
+  model_settings: ModelSettings,
+  plan: SamplePlan,
+  params: Any,
+  batch_size: int,
+  mesh: Mesh | None = None,
+  edit: bool = False,
+) -> jax.stages.Lowered:
+  """The sampler for batches of `batch_size`, lowered: `.compile()` it (or read its costs).
+
+  `params` may be arrays or `jax.ShapeDtypeStruct`s (with their shardings):
+  every other argument is abstract, so this also lowers for devices that
+  are not attached (`fractal_jax.train.aot`).
+  """
+  sharding = None if mesh is None else mesh_lib.replicated(mesh)
+  abstract = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)  # noqa: E731
+  ints = abstract((batch_size,), jnp.int32)
+  scalar = abstract((), jnp.float32)
+  key = abstract((), jax.eval_shape(lambda: jax.random.key(0)).dtype)
+  known = None
+  if edit:
+    side = model_settings.img_size
+    known = Known(abstract((batch_size, side, side, 3), jnp.int32), abstract((batch_size, side, side), bool))
+  return _sample_jit.lower(model_settings, plan, mesh, params, ints, ints, key, Hyper(scalar, scalar, scalar), known)
+
+
 def compile_sample(
   model_settings: ModelSettings,
   plan: SamplePlan,
@@ -200,16 +227,7 @@ def compile_sample(
   `run(params, labels, image_ids, key, hyper, known)` (`Known` from
   `check_known`); inputs are not validated (use `sample` for a checked call).
   """
-  ints = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-  hyper = Hyper(jnp.float32(1.0), jnp.float32(1.0), jnp.float32(1e-4))
-  side = model_settings.img_size
-  known = None
-  if edit:
-    known = Known(
-      jax.ShapeDtypeStruct((batch_size, side, side, 3), jnp.int32), jax.ShapeDtypeStruct((batch_size, side, side), bool)
-    )
-  args = (model_settings, plan, mesh, params, ints, ints, jax.random.key(0), hyper, known)
-  compiled = _sample_jit.lower(*args).compile()
+  compiled = lower_sample(model_settings, plan, params, batch_size, mesh, edit).compile()
   if edit:
     return compiled
   return lambda params, labels, image_ids, key, hyper: compiled(params, labels, image_ids, key, hyper, None)
