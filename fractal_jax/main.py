@@ -218,6 +218,12 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
   config_lib.exit_if_config_file_missing(sys.argv)
+  if sys.modules["__main__"] is not sys.modules[__name__]:
+    # The `fractal-jax` console script: absl's --help shows __main__'s docstring and the key flags of the module
+    # named sys.argv[0], which are this module's only under `python -m fractal_jax.main`.
+    sys.modules["__main__"].__doc__ = __doc__
+    for flag in flags.FLAGS.get_key_flags_for_module(__name__):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(main)
 
 

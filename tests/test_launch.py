@@ -5,9 +5,9 @@ Nothing here reaches a cloud or a cluster: the commands are checked as printed
 (a stand-in gcloud also answers `describe` with the states a test gives it),
 and the scripts that would run on the TPU workers and SLURM nodes are run here
 with stand-in curl/scontrol/srun/python. Every example command line of the
-scripts' help texts, of the README and of docs/cloud_tpu.md runs in --dry_run
-mode, and every `--config.<a>.<b>` override in them is a field of the config
-it names; the dry-run output pasted into docs/cloud_tpu.md is what the scripts
+scripts' help texts and of the README runs in --dry_run mode, and every
+`--config.<a>.<b>` override in them is a field of the config it names; the
+dry-run output pasted into the README's Cloud TPU section is what the scripts
 print now.
 """
 
@@ -881,20 +881,19 @@ def test_help_examples_run_and_name_real_config_fields():
   _dotted_paths_exist(fragments, base_config())
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/cloud_tpu.md"])
-def test_doc_examples_run_and_name_real_config_fields(doc):
-  code = _markdown_code(ROOT / doc)
+def test_readme_examples_run_and_name_real_config_fields():
+  code = _markdown_code(ROOT / "README.md")
   lines = _example_lines(code, "launch/tpu_vm.sh") + _example_lines(code, "launch/slurm_gpu.sh")
-  assert len(lines) >= 5, f"{doc}: no launch examples found"
+  assert len(lines) >= 5, "README.md: no launch examples found"
   for words in lines:
     _check_example(words)
   _dotted_paths_exist(re.findall(r"--config\.[A-Za-z0-9_.]+=\S*", code), base_config())
 
 
 def test_docs_hold_the_scripts_own_dry_run_output():
-  """docs/cloud_tpu.md's `console` blocks: each `$ launch/...` line's output is what the script prints now
+  """The README's `console` blocks: each `$ launch/...` line's output is what the script prints now
   (in an expected line, ' ...' stands for any text: the long remote scripts are shown in part)."""
-  blocks = re.findall(r"```console\n(.*?)```", (ROOT / "docs" / "cloud_tpu.md").read_text(encoding="utf-8"), re.DOTALL)
+  blocks = re.findall(r"```console\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.DOTALL)
   assert blocks
   checked = 0
   for block in blocks:

@@ -22,7 +22,7 @@ from fractal_jax.sampling.mar_schedule import MarSchedule, clamp_num_iter, mar_s
 CFG_SCHEDULES = ("linear", "constant")
 # Cost of one call of the level below, counted in the patches it could sample instead, for choosing a MAR level's
 # call sizes (`chunking`): every call has a fixed cost on top of its per-patch work. The pixel head is cheap per
-# pixel but runs 3 passes per call, so a call of it costs relatively more. Measured: docs/perf_notes_sampling.md.
+# pixel but runs 3 passes per call, so a call of it costs relatively more. Measured: docs/performance.md.
 CALL_OVERHEAD = 4.0
 PIXEL_CALL_OVERHEAD = 16.0
 
