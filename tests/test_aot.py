@@ -1,0 +1,86 @@
+"""`--mode=aot`: TPU slice names, and compiling the tiny config for a TPU slice on this CPU-only machine (libtpu).
+
+The compile runs as a user runs it (a subprocess of `python -m fractal_jax.main`); a batch too large for the
+chip's HBM is refused with exit status 2 and one line naming the settings to change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from fractal_jax.parallel import accelerators
+
+TINY = str(ROOT / "configs" / "tiny.py")
+
+
+@pytest.mark.parametrize(
+  "name, topology, host_bounds",
+  [
+    ("v5p-8", "v5p:2x2x1", None),
+    ("v5p-16", "v5p:2x2x2", None),
+    ("v5p-32", "v5p:2x2x4", None),
+    ("v5p-64", "v5p:2x4x4", None),
+    ("v5p-128", "v5p:4x4x4", None),
+    ("v5litepod-4", "v5e:2x2", (2, 2, 1)),
+    ("v5litepod-8", "v5e:2x4", (2, 4, 1)),
+    ("v5e-16", "v5e:4x4", None),
+    ("v5litepod-32", "v5e:4x8", None),
+    ("v5litepod-64", "v5e:8x8", None),
+    ("v5litepod-256", "v5e:16x16", None),
+    ("v6e-8", "v6e:2x4", (2, 4, 1)),
+    ("V6E-16", "v6e:4x4", None),
+    ("v5p:2x2x2", "v5p:2x2x2", None),
+  ],
+)
+def test_slice_names_map_to_libtpu_topologies(name, topology, host_bounds):
+  slice_ = accelerators.parse_slice(name)
+  assert (slice_.topology, slice_.chips_per_host_bounds) == (topology, host_bounds)
+  assert accelerators.parse_slice(slice_.accelerator_type).topology == topology  # the Cloud TPU name round-trips
+
+
+@pytest.mark.parametrize(
+  "name, message",
+  [("v4-8", "v4 is not supported"), ("v5p-12", "no 12-TensorCores v5p slice"), ("h100x8", "not a TPU slice name")],
+)
+def test_unusable_slice_names_are_refused_with_the_reason(name, message):
+  with pytest.raises(accelerators.TopologyError, match=message):
+    accelerators.parse_slice(name)
+
+
+def _aot(tmp_path, *flags):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  command = [sys.executable, "-m", "fractal_jax.main", f"--config={TINY}", "--mode=aot", *flags]
+  return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_tiny_config_compiles_for_a_tpu_slice(tmp_path):
+  output = tmp_path / "aot.json"
+  result = _aot(tmp_path, "--topology=v5litepod-4", "--config.train.global_batch=8", f"--output={output}")
+  assert result.returncode == 0, result.stdout + result.stderr
+  assert "v5litepod-4 (v5e:2x2): 4 chips TPU v5e" in result.stdout
+  assert "kernels standard" in result.stdout  # the TPU's operations, not the CPU-tuned ones
+  figures = json.loads(output.read_text())
+  chip = accelerators.CHIPS["TPU v5 lite"]
+  for program in ("train_step", "sampler"):
+    report = figures[program]
+    assert 0 < report["total_bytes"] < chip.hbm_bytes
+    assert report["flops"] > 0 and report["model_flops"] > 0 and report["seconds"] > 0
+  train = figures["train_step"]
+  # The step holds its parameters and AdamW moments (data parallel: each chip all of them; 46,112 float32).
+  assert train["parameter_bytes"] == 46_112 * 4 and train["optimizer_bytes"] >= 2 * train["parameter_bytes"]
+  assert train["flops"] > train["model_flops"] and train["hbm_bytes"] > 0
+  assert result.stderr.count("\n") <= 2, result.stderr  # libtpu's start-up chatter is silenced
+
+
+def test_a_batch_too_large_for_the_chip_is_refused(tmp_path):
+  result = _aot(tmp_path, "--topology=v5litepod-4", "--config.train.global_batch=2097152")
+  assert result.returncode == 2, result.stdout + result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: the train step"), result.stderr
+  assert "config.train.grad_accum_steps" in lines[0] and "remat_policy=full" in lines[0]
