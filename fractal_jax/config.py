@@ -9,6 +9,7 @@ can be overridden on the command line (`--config.model.depths="(4,2,1)"`,
 from __future__ import annotations
 
 import pathlib
+from typing import Any
 
 import ml_collections
 
@@ -113,18 +114,184 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file, as `--config=<path>` does; `<file>.py:<arg>` calls `get_config(<arg>)`."""
+class ConfigFileError(Exception):
+  """A config file that gives no config (missing, broken, no `get_config`, ...); the message names the file and why.
+
+  Not a ValueError on purpose: absl turns a ValueError raised while parsing `--config` into a "flag --config=..."
+  error of its own; this one reaches `fractal_jax.command_line.parse_flags` as it is.
+  """
+
+
+def _exec_config_module(file: pathlib.Path) -> Any:
+  """The config file run as a module (not put in sys.modules)."""
   import importlib.util
 
-  name, _, arg = str(path).partition(":")
-  file = pathlib.Path(name)
-  if not file.is_file():
-    raise FileNotFoundError(f"config file {name!r} not found; the configs live in configs/ (e.g. configs/tiny.py).")
   spec = importlib.util.spec_from_file_location(f"fractal_config_{file.stem}", file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file, as `--config=<path>` does; `<file>.py:<arg>` calls `get_config(<arg>)`.
+
+  Errors of the file itself (syntax, an exception in `get_config`) come out as they are; the command line uses
+  `load_config_checked`, which turns every one into a `ConfigFileError`.
+  """
+  name, _, arg = str(path).partition(":")
+  file = pathlib.Path(name)
+  if not file.is_file():
+    raise FileNotFoundError(_not_found(name))
+  module = _exec_config_module(file)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def _not_found(name: str) -> str:
+  return f"config file {name!r} not found; the configs live in configs/ (e.g. configs/tiny.py)."
+
+
+def _where(error: BaseException, file: pathlib.Path) -> str:
+  """`, line N` of the innermost frame of `error`'s traceback that is in `file` ("" when none is)."""
+  import traceback
+
+  frames = traceback.extract_tb(error.__traceback__)
+  lines = [frame.lineno for frame in frames if pathlib.Path(frame.filename).resolve() == file]
+  return f", line {lines[-1]}" if lines else ""
+
+
+def load_config_checked(path: str) -> ml_collections.ConfigDict:
+  """`load_config_file` for the command line: every way a config file can fail is one `ConfigFileError` line.
+
+  What the file prints while it loads is shown only when it loads (a failure prints nothing but the error).
+
+  Raises:
+    ConfigFileError: no such file, a syntax error, no `get_config`, an argument after `:` that `get_config` does not
+      take, an exception while running the file, or a result that is not a ConfigDict.
+  """
+  import contextlib
+  import inspect
+  import io
+  import sys
+
+  name, colon, arg = str(path).partition(":")
+  file = pathlib.Path(name)
+  if not file.is_file():
+    raise ConfigFileError(_not_found(name))
+  output = io.StringIO()
+  stage = "running it"
+  try:
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+      module = _exec_config_module(file)
+      get_config = getattr(module, "get_config", None)
+      if not callable(get_config):
+        raise ConfigFileError(
+          f"config file {name} has no get_config() function; a config file defines get_config() returning an "
+          "ml_collections.ConfigDict (see configs/tiny.py)"
+        )
+      if colon and not _takes_an_argument(get_config, inspect):
+        raise ConfigFileError(f"--config={path}: the get_config() of {name} takes no argument; drop ':{arg}'")
+      stage = "get_config()"
+      config = get_config(arg) if colon else get_config()
+  except ConfigFileError:
+    raise
+  except SyntaxError as error:
+    raise ConfigFileError(f"config file {name}, line {error.lineno}: syntax error: {error.msg}") from None
+  except Exception as error:  # noqa: BLE001  (whatever the user's file raises becomes one line)
+    raise ConfigFileError(
+      f"config file {path}{_where(error, file.resolve())}: {stage} raised {type(error).__name__}: "
+      + " ".join(str(error).split())
+    ) from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigFileError(
+      f"config file {path}: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict "
+      "(start from fractal_jax.config.base_config(), as configs/tiny.py does)"
+    )
+  sys.stdout.write(output.getvalue())
+  return config
+
+
+def _takes_an_argument(function: Any, inspect: Any) -> bool:
+  try:
+    parameters = inspect.signature(function).parameters.values()
+  except (TypeError, ValueError):
+    return True
+  return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
+
+
+def check_fields(config: Any) -> None:
+  """Checks that `config` has every field of `base_config()`, each with a value of the default's type.
+
+  Catches a config file not built from `base_config()` and an override that parsed into the wrong kind of value
+  (`--config.model.depths=abc` is the tuple `('abc',)`). Fields beyond the defaults are allowed; ranges are checked
+  by the modes (`fractal_jax.modes.checks`).
+
+  Raises:
+    ConfigError: naming the first missing field (and how many more) or the field of the wrong type.
+  """
+  from fractal_jax.model.model_config import ConfigError
+
+  missing: list[str] = []
+  _check_section(config, base_config(), "config", missing, ConfigError)
+  if missing:
+    more = f" (and {len(missing) - 1} more fields)" if len(missing) > 1 else ""
+    raise ConfigError(
+      f"the config has no {missing[0]}{more}: build it from fractal_jax.config.base_config(), as configs/tiny.py does"
+    )
+
+
+def _check_section(config: Any, reference: ml_collections.ConfigDict, where: str, missing: list, error: type) -> None:
+  if not isinstance(config, (ml_collections.ConfigDict, dict)):
+    raise error(f"{where} must be a section (ConfigDict) of fields, got {config!r}")
+  for key, default in reference.items():
+    name = f"{where}.{key}"
+    if key not in config:
+      missing.append(name)
+      continue
+    value = config[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      _check_section(value, default, name, missing, error)
+    elif not _same_kind(value, default):
+      raise error(f"{name} must be {_kind(default)}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if _is_int(default):
+    return _is_int(value)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, str):
+    return isinstance(value, str)
+  if isinstance(default, tuple):
+    if not isinstance(value, (tuple, list)):
+      return False
+    if default and all(_is_int(x) for x in default):
+      return all(_is_int(x) for x in value)
+    if default and all(isinstance(x, str) for x in default):
+      return all(isinstance(x, str) for x in value)
+  return True
+
+
+def _kind(default: Any) -> str:
+  if isinstance(default, bool):
+    return "true or false"
+  if _is_int(default):
+    return "an integer"
+  if isinstance(default, float):
+    return "a number"
+  if isinstance(default, str):
+    return "a string"
+  example = tuple(default)
+  if default and all(_is_int(x) for x in default):
+    return f"a tuple of integers, e.g. {example}"
+  if default and all(isinstance(x, str) for x in default):
+    return f"a tuple of strings, e.g. {example}"
+  return f"a tuple like {example}"
 
 
 def config_path_from_argv(argv: list[str]) -> str | None:

