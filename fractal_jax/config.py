@@ -4,13 +4,24 @@ A config file calls `base_config()` and sets the model tuples; every field
 can be overridden on the command line (`--config.model.depths="(4,2,1)"`,
 `--config.model.dtype=bfloat16`). Per-level tuples line up as documented in
 `fractal_jax.model.model_config`.
+
+The command lines' `--config` flag lives here too (`define_config_flag`, `parse_flags`): a config file that cannot
+be loaded, an override of a field that does not exist, or a malformed value ends the run with one `error: ...` line
+and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
 
+import difflib
 import pathlib
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 import ml_collections
+from absl import flags
+from ml_collections import config_dict, config_flags
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -114,18 +125,185 @@ def base_config() -> ml_collections.ConfigDict:
   return config
 
 
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file, as `--config=<path>` does; `<file>.py:<arg>` calls `get_config(<arg>)`."""
+class ConfigFileError(Exception):
+  """A config file, or its `--config.*` overrides, that give no usable config; the message says what and where.
+
+  The file is missing or broken, has no `get_config`, ...; an override names no field; a field is missing or of the
+  wrong type (`check_fields`).
+
+  Not a ValueError on purpose: absl turns a ValueError raised while parsing `--config` into a "flag --config=..."
+  error of its own; this one reaches `parse_flags` as it is.
+  """
+
+
+def _exec_config_module(file: pathlib.Path) -> Any:
+  """The config file run as a module (not put in sys.modules)."""
   import importlib.util
 
-  name, _, arg = str(path).partition(":")
-  file = pathlib.Path(name)
-  if not file.is_file():
-    raise FileNotFoundError(f"config file {name!r} not found; the configs live in configs/ (e.g. configs/tiny.py).")
   spec = importlib.util.spec_from_file_location(f"fractal_config_{file.stem}", file)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file, as `--config=<path>` does; `<file>.py:<arg>` calls `get_config(<arg>)`.
+
+  Errors of the file itself (syntax, an exception in `get_config`) come out as they are; the command line uses
+  `load_config_checked`, which turns every one into a `ConfigFileError`.
+  """
+  name, _, arg = str(path).partition(":")
+  file = pathlib.Path(name)
+  if not file.is_file():
+    raise FileNotFoundError(_not_found(name))
+  module = _exec_config_module(file)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def _not_found(name: str) -> str:
+  return f"config file {name!r} not found; the configs live in configs/ (e.g. configs/tiny.py)."
+
+
+def _where(error: BaseException, file: pathlib.Path) -> str:
+  """`, line N` of the innermost frame of `error`'s traceback that is in `file` ("" when none is)."""
+  import traceback
+
+  frames = traceback.extract_tb(error.__traceback__)
+  lines = [frame.lineno for frame in frames if pathlib.Path(frame.filename).resolve() == file]
+  return f", line {lines[-1]}" if lines else ""
+
+
+def load_config_checked(path: str) -> ml_collections.ConfigDict:
+  """`load_config_file` for the command line: every way a config file can fail is one `ConfigFileError` line.
+
+  What the file prints while it loads is shown only when it loads (a failure prints nothing but the error).
+
+  Raises:
+    ConfigFileError: no such file, a syntax error, no `get_config`, an argument after `:` that `get_config` does not
+      take, an exception while running the file, or a result that is not a ConfigDict.
+  """
+  import contextlib
+  import inspect
+  import io
+  import sys
+
+  name, colon, arg = str(path).partition(":")
+  file = pathlib.Path(name)
+  if not file.is_file():
+    raise ConfigFileError(_not_found(name))
+  output = io.StringIO()
+  stage = "running it"
+  try:
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+      module = _exec_config_module(file)
+      get_config = getattr(module, "get_config", None)
+      if not callable(get_config):
+        raise ConfigFileError(
+          f"config file {name} has no get_config() function; a config file defines get_config() returning an "
+          "ml_collections.ConfigDict (see configs/tiny.py)"
+        )
+      if colon and not _takes_an_argument(get_config, inspect):
+        raise ConfigFileError(f"--config={path}: the get_config() of {name} takes no argument; drop ':{arg}'")
+      stage = "get_config()"
+      config = get_config(arg) if colon else get_config()
+  except ConfigFileError:
+    raise
+  except SyntaxError as error:
+    raise ConfigFileError(f"config file {name}, line {error.lineno}: syntax error: {error.msg}") from None
+  except Exception as error:  # noqa: BLE001  (whatever the user's file raises becomes one line)
+    raise ConfigFileError(
+      f"config file {path}{_where(error, file.resolve())}: {stage} raised {type(error).__name__}: "
+      + " ".join(str(error).split())
+    ) from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigFileError(
+      f"config file {path}: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict "
+      "(start from fractal_jax.config.base_config(), as configs/tiny.py does)"
+    )
+  sys.stdout.write(output.getvalue())
+  return config
+
+
+def _takes_an_argument(function: Any, inspect: Any) -> bool:
+  try:
+    parameters = inspect.signature(function).parameters.values()
+  except (TypeError, ValueError):
+    return True
+  return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
+
+
+def check_fields(config: Any) -> None:
+  """Checks that `config` has every field of `base_config()`, each with a value of the default's type.
+
+  Catches a config file not built from `base_config()` and an override that parsed into the wrong kind of value
+  (`--config.model.depths=abc` is the tuple `('abc',)`). Fields beyond the defaults are allowed; ranges are checked
+  by the modes (`fractal_jax.modes.checks`).
+
+  Raises:
+    ConfigFileError: naming the first missing field (and how many more) or the field of the wrong type.
+  """
+  missing: list[str] = []
+  _check_section(config, base_config(), "config", missing)
+  if missing:
+    more = f" (and {len(missing) - 1} more fields)" if len(missing) > 1 else ""
+    raise ConfigFileError(
+      f"the config has no {missing[0]}{more}: build it from fractal_jax.config.base_config(), as configs/tiny.py does"
+    )
+
+
+def _check_section(config: Any, reference: ml_collections.ConfigDict, where: str, missing: list) -> None:
+  if not isinstance(config, (ml_collections.ConfigDict, dict)):
+    raise ConfigFileError(f"{where} must be a section (ConfigDict) of fields, got {config!r}")
+  for key, default in reference.items():
+    name = f"{where}.{key}"
+    if key not in config:
+      missing.append(name)
+      continue
+    value = config[key]
+    if isinstance(default, ml_collections.ConfigDict):
+      _check_section(value, default, name, missing)
+    elif not _same_kind(value, default):
+      raise ConfigFileError(f"{name} must be {_kind(default)}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _same_kind(value: Any, default: Any) -> bool:
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if _is_int(default):
+    return _is_int(value)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, str):
+    return isinstance(value, str)
+  if isinstance(default, tuple):
+    if not isinstance(value, (tuple, list)):
+      return False
+    if default and all(_is_int(x) for x in default):
+      return all(_is_int(x) for x in value)
+    if default and all(isinstance(x, str) for x in default):
+      return all(isinstance(x, str) for x in value)
+  return True
+
+
+def _kind(default: Any) -> str:
+  if isinstance(default, bool):
+    return "true or false"
+  if _is_int(default):
+    return "an integer"
+  if isinstance(default, float):
+    return "a number"
+  if isinstance(default, str):
+    return "a string"
+  example = tuple(default)
+  if default and all(_is_int(x) for x in default):
+    return f"a tuple of integers, e.g. {example}"
+  if default and all(isinstance(x, str) for x in default):
+    return f"a tuple of strings, e.g. {example}"
+  return f"a tuple like {example}"
 
 
 def config_path_from_argv(argv: list[str]) -> str | None:
@@ -149,6 +327,127 @@ def exit_if_config_file_missing(argv: list[str]) -> None:
       f"error: config file {path!r} not found; the configs live in configs/ (e.g. configs/tiny.py).", file=sys.stderr
     )
     sys.exit(2)
+
+
+# --- the command line: the --config flag and flag parsing (`fractal_jax.main`, `fractal_jax.convert`) ---------------
+#
+# Both entry points define `--config` with `define_config_flag` and start with `app.run(main, flags_parser=
+# parse_flags)`. Every problem of the command line itself then ends the run with one `error: ...` line on stderr and
+# exit status 2 (`fail`), as the later checks do, never a traceback: the config file (`load_config_checked`); an
+# override of a field that does not exist (`--config.model.depth=3`: the nearest names are suggested), checked before
+# ml_collections defines the override flags; what absl and ml_collections refuse (an unknown flag, a malformed value
+# such as `--config.train.global_batch=abc`, no `--config`). `--config=<file>.py:<arg>` and `--config.<field>=<value>`
+# work as with `config_flags.DEFINE_config_file`, which still defines the flag: only the loading of the file is ours.
+
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str) -> NoReturn:
+  """Ends the run: `error: <message>` on stderr, exit status 2."""
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(EXIT_BAD_INPUT)
+
+
+# --- the --config flag -----------------------------------------------------------------------------------------------
+
+
+class _ConfigFileParser(flags.ArgumentParser):
+  """The parser of `--config` (what ml_collections' own does: `get_config()`, locked), with one-line errors.
+
+  It loads with `load_config_checked` and then checks the names of the overrides, which ml_collections applies
+  after the file is loaded.
+  """
+
+  def __init__(self, name: str) -> None:
+    self.name = name
+
+  def parse(self, argument: str) -> Any:
+    config = load_config_checked(argument)
+    check_override_names(config, _command_line(), self.name)
+    config.lock()
+    return config
+
+  def flag_type(self) -> str:
+    return "config object"
+
+
+def define_config_flag(help_string: str, name: str = "config") -> flags.FlagHolder:
+  """`config_flags.DEFINE_config_file(name)` (a locked config, overrides as usual) whose file problems are one line.
+
+  ml_collections' flag keeps doing everything but loading the file: its parser is replaced by ours.
+  """
+  holder = config_flags.DEFINE_config_file(name, None, help_string, lock_config=True)
+  flags.FLAGS[name].parser = _ConfigFileParser(name)
+  return holder
+
+
+def _command_line() -> list[str]:
+  """The arguments ml_collections takes its overrides from: sys.argv with `--flagfile`s expanded."""
+  return flags.FLAGS.read_flags_from_files(sys.argv, force_gnu=False)
+
+
+def override_paths(argv: Sequence[str], name: str = "config") -> list[str]:
+  """The dotted field paths of the `--<name>.<path>[=value]` (or `--no<name>.<path>`) arguments, in order."""
+  pattern = re.compile(rf"^--?(?:no)?{re.escape(name)}\.([^=]+)")
+  return [match.group(1) for arg in argv if (match := pattern.match(arg))]
+
+
+def check_override_names(config: Any, argv: Sequence[str], name: str = "config") -> None:
+  """Every `--config.<path>` override names an existing field (else the nearest names in one line).
+
+  Raises:
+    ConfigFileError: the first override of a field that does not exist.
+  """
+  for path in override_paths(argv, name):
+    node, where = config, name
+    for part in path.split("."):
+      key = part.split("[", 1)[0]  # `field[0]`: the field's own name is checked
+      if not isinstance(node, (config_dict.ConfigDict, dict)):
+        raise ConfigFileError(f"--{name}.{path}: {where} is a value, not a section with a field {key!r}")
+      if key not in node:
+        raise ConfigFileError(f"--{name}.{path}: {where} has no field {key!r}; {_nearest(key, node)}")
+      node, where = node[key], f"{where}.{key}"
+
+
+def _nearest(key: str, section: Any) -> str:
+  names = sorted(str(k) for k in section.keys())
+  close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+  if close:
+    return f"did you mean {' or '.join(close)}?"
+  return f"its fields are {', '.join(names)}"
+
+
+# --- parsing ---------------------------------------------------------------------------------------------------------
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+  """`app.run`'s flags_parser: absl's parsing, with every error one `error:` line and exit status 2."""
+  try:
+    return flags.FLAGS(list(argv))
+  except ConfigFileError as error:
+    fail(str(error))
+  except flags.Error as error:
+    fail(_flag_error_message(str(error)))
+
+
+def _flag_error_message(message: str) -> str:
+  """absl's wording, in our form: `--flag=value: why` on one line, with the type a config field holds."""
+  message = message.strip().splitlines()[0] if message.strip() else "bad command line"
+  required = re.match(r"flag --(\w+)=None: Flag --\w+ must have a value other than None", message)
+  if required:
+    example = " (e.g. --config=configs/tiny.py)" if required.group(1) == "config" else ""
+    return f"--{required.group(1)} is required{example}"
+  message = re.sub(r"^flag (--)", r"\1", message)
+  field = re.match(r"--config\.([\w.]+)=", message)
+  if field and "config" in flags.FLAGS:
+    try:
+      value = flags.FLAGS["config"].value
+      for part in field.group(1).split("."):
+        value = value[part]
+    except (KeyError, TypeError, AttributeError):
+      return message
+    return f"{message} (config.{field.group(1)} holds {type(value).__name__} values, e.g. {value!r})"
+  return message
 
 
 # The config files shipped in `configs/`, for telling users which one fits a checkpoint. The repository layout

@@ -29,15 +29,12 @@ from typing import Any
 import jax
 import numpy as np
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from fractal_jax import config as config_lib
-from fractal_jax.io import model_checkpoint, torch_layout, torch_pickle
+from fractal_jax.io import model_checkpoint, paths, torch_layout, torch_pickle
 from fractal_jax.model import fractal, model_config
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Config file of the model, e.g. configs/fractalmar_64.py (see configs/).", lock_config=True
-)
+_CONFIG = config_lib.define_config_flag("Config file of the model, e.g. configs/fractalmar_64.py (see configs/).")
 _TORCH_CHECKPOINT = flags.DEFINE_string(
   "torch_checkpoint", None, "Import: official .pth (or .npz of official tensor names) to read."
 )
@@ -115,6 +112,7 @@ def import_checkpoint(
   model_config.settings(model_cfg)
   out = pathlib.Path(output_dir)
   _check_new_dir(out, "output_dir")
+  paths.check_output_dir("--output_dir", output_dir)
   state_dict = torch_pickle.read_state_dict(torch_checkpoint)
   log(f"read {len(state_dict)} tensors ({fractal.count_params(state_dict):,} values) from {torch_checkpoint}")
   params = convert_state_dict(state_dict, model_cfg)
@@ -141,6 +139,7 @@ def export_checkpoint(
     raise ConvertError(f"--output={output}: name it *.npz (or *.pth, with torch installed)")
   if out.exists():
     raise ConvertError(f"--output={output} exists; choose a new file name")
+  paths.check_output_file("--output", output, EXPORT_SUFFIXES, "the official state dict")
   if out.suffix == ".pth" and importlib.util.find_spec("torch") is None:
     raise ConvertError(
       f"--output={output}: writing a .pth needs torch, which is not installed; write an .npz instead (same "
@@ -157,6 +156,7 @@ def export_checkpoint(
 
 ERRORS = (
   ConvertError,
+  config_lib.ConfigFileError,
   FileNotFoundError,
   model_config.ConfigError,
   torch_pickle.PthError,
@@ -184,12 +184,13 @@ def _arguments() -> None:
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config_lib.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
   config = _CONFIG.value
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a save at INFO
   try:
     _arguments()
+    config_lib.check_fields(config)
     if _TO_TORCH.value:
       export_checkpoint(_CHECKPOINT.value, _OUTPUT.value, config.model, _STEP.value)
     else:
@@ -201,4 +202,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   config_lib.exit_if_config_file_missing(sys.argv)
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

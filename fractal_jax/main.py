@@ -3,8 +3,10 @@
 Hyper-parameters live in the config file and are overridden as
 `--config.<field>=<value>` (tuples as `--config.model.depths="(4,2,1)"`);
 run-specific I/O and selection flags are top-level. Every input is checked
-before anything is compiled; a bad one ends the run with `error: ...` and
-exit status 2.
+before anything is compiled or written (`fractal_jax.modes.checks`); a bad
+one ends the run with one `error: ...` line and exit status 2. A flag that
+the mode does not read is such an error (it is not ignored), and so is
+`--seed` where nothing is random (summary, ref_stats).
 
 Modes: train (default; writes --workdir and resumes from it), summary
 (level table), sample (images from a checkpoint), nll (held-out bits/dim),
@@ -24,13 +26,13 @@ from fractal_jax import cpu_tuning
 cpu_tuning.apply()  # before JAX starts
 
 from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from fractal_jax import config as config_lib  # noqa: E402
 from fractal_jax.model import model_config  # noqa: E402
+from fractal_jax.modes import checks  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "Config file, e.g. configs/fractalar_64.py (see configs/).", lock_config=True
+_CONFIG = config_lib.define_config_flag(
+  "Config file, e.g. configs/fractalar_64.py (see configs/); configs/<file>.py:<arg> calls get_config(<arg>)."
 )
 _MODE = flags.DEFINE_enum(
   "mode", "train", ["train", "summary", "sample", "nll", "fid", "ref_stats", "edit", "aot"], "What to run."
@@ -41,7 +43,7 @@ _INCEPTION = flags.DEFINE_string(
 _REF_STATS = flags.DEFINE_string("ref_stats", None, "fid: reference statistics .npz (mu, sigma[, features]).")
 _SPLIT = flags.DEFINE_string("split", "train", "ref_stats: the split of config.data to describe.")
 _WRITE_IMAGES = flags.DEFINE_bool("write_images", False, "fid: also write the samples as PNGs in --output_dir/images.")
-_ADM_NPZ = flags.DEFINE_string("adm_npz", None, "fid: also write the samples as an ADM-evaluator batch (arr_0).")
+_ADM_NPZ = flags.DEFINE_string("adm_npz", None, "fid: also write the samples as an ADM-evaluator batch (arr_0; *.npz).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "train: checkpoints, metrics and sample grids; a rerun resumes.")
 _STOP_AT_STEP = flags.DEFINE_integer(
   "stop_at_step", 0, "train: end this run at this step (checkpointed; the schedule is unchanged, a rerun resumes)."
@@ -50,18 +52,33 @@ _WEIGHTS = flags.DEFINE_enum(
   "weights", "raw", ["raw", "ema"], "sample, nll, fid, edit: the raw or the EMA weights of a checkpoint."
 )
 _NO_FLOPS = flags.DEFINE_bool("no_flops", False, "summary: skip the FLOP count (parameters only, faster).")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "A training workdir (its latest step) or a converted checkpoint.")
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint", None, "sample, nll, fid, edit: a training workdir (its latest step) or a converted checkpoint."
+)
 _LABELS = flags.DEFINE_string(
   "labels", None, "sample, edit: comma-separated class ids, e.g. 207,360 (-1: no class; edit default)."
 )
-_NUM_IMAGES = flags.DEFINE_integer("num_images", None, "sample: N images, N / num_classes of each class.")
-_SEED = flags.DEFINE_integer("seed", 0, "Random seed; image i uses fold_in(key(seed), i).")
-_OUTPUT = flags.DEFINE_string("output", None, "One output file (sample: a PNG grid; nll: a JSON of the figures).")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Directory for many outputs (sample: one PNG per image).")
+_NUM_IMAGES = flags.DEFINE_integer("num_images", None, "sample, fid: N images, N / num_classes of each class.")
+_SEED = flags.DEFINE_integer(
+  "seed",
+  None,
+  "train, nll, sample, edit, fid: the random seed, overriding config.seed (the default; 0 in the shipped configs). "
+  "Sampling: image i uses fold_in(key(seed), i). Train: the seed is part of the run (initialisation, data order, "
+  "dropout, masks): resume with the same one; another changes the randomness of the later steps. Refused by "
+  "summary and ref_stats, which draw nothing.",
+)
+_OUTPUT = flags.DEFINE_string(
+  "output", None, "One output file: sample, edit: the grid (*.png); nll, fid: the figures (*.json); ref_stats: *.npz."
+)
+_OUTPUT_DIR = flags.DEFINE_string(
+  "output_dir", None, "Directory for many outputs: sample, edit: one PNG per image; fid: the shards (a rerun resumes)."
+)
 _TOPOLOGY = flags.DEFINE_string(
   "topology", None, "aot: the TPU slice to compile for, as Cloud TPU names it (v5p-64, v5litepod-16, v6e-8, ...)."
 )
-_GIF = flags.DEFINE_string("gif", None, "sample, edit: animated GIF of the first batch after each level-0 step.")
+_GIF = flags.DEFINE_string(
+  "gif", None, "sample, edit: animated GIF (*.gif) of the first batch after each level-0 step."
+)
 _IMAGE = flags.DEFINE_string("image", None, "edit: the picture to edit (a PNG of the model's size).")
 _MASK = flags.DEFINE_string("mask", None, "edit: binary PNG, white = regenerate, black = keep (wins over --edit).")
 _EDIT = flags.DEFINE_string("edit", None, "edit: a preset mask instead of --mask: inpaint, outpaint or uncrop.")
@@ -82,7 +99,7 @@ def run_sample(config) -> None:
     checkpoint=_CHECKPOINT.value,
     labels=_LABELS.value,
     num_images=_NUM_IMAGES.value,
-    seed=_SEED.value,
+    seed=int(config.seed),
     output=_OUTPUT.value,
     output_dir=_OUTPUT_DIR.value,
     gif=_GIF.value,
@@ -101,7 +118,7 @@ def run_edit(config) -> None:
     edit=_EDIT.value,
     labels=_LABELS.value,
     num_samples=_NUM_SAMPLES.value,
-    seed=_SEED.value,
+    seed=int(config.seed),
     output=_OUTPUT.value,
     output_dir=_OUTPUT_DIR.value,
     gif=_GIF.value,
@@ -139,7 +156,7 @@ def run_fid(config) -> None:
   request = fid_mode.FidRequest(
     checkpoint=_CHECKPOINT.value,
     num_images=_NUM_IMAGES.value,
-    seed=_SEED.value,
+    seed=int(config.seed),
     inception=_INCEPTION.value,
     ref_stats=_REF_STATS.value,
     output_dir=_OUTPUT_DIR.value,
@@ -176,11 +193,28 @@ MODES: dict[str, Callable] = {
 }
 
 
+def _flag_values() -> checks.Flags:
+  """The top-level flags' values and which of them the command line gave (absl's `present`)."""
+  values = {name: flags.FLAGS[name].value for name in checks.CHECKED_FLAGS}
+  return checks.Flags(values, frozenset(name for name in checks.CHECKED_FLAGS if flags.FLAGS[name].present))
+
+
+def _override_given(field: str) -> bool:
+  name = f"config.{field}"
+  return name in flags.FLAGS and flags.FLAGS[name].present
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config_lib.fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are written --name=value)")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every step of a restore at INFO
+  config = _CONFIG.value
+  try:  # everything that needs no JAX, before the heavy imports
+    checks.check(_MODE.value, config, _flag_values())
+    checks.apply_seed(config, _MODE.value, _SEED.value, _override_given("seed"))
+  except (model_config.ConfigError, config_lib.ConfigFileError) as error:
+    config_lib.fail(str(error))
   if _MODE.value == "aot":  # compiles for devices described by libtpu: the host computes nothing, on its CPU
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
@@ -194,7 +228,6 @@ def main(argv: Sequence[str]) -> None:
   from fractal_jax.sampling import sampler
   from fractal_jax.train import trainer
 
-  config = _CONFIG.value
   expected = (
     accelerators.TopologyError,
     model_config.ConfigError,
@@ -206,11 +239,9 @@ def main(argv: Sequence[str]) -> None:
     FileNotFoundError,
   )
   try:
-    model_config.validate(config.model)
     MODES[_MODE.value](config)
   except expected as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    config_lib.fail(str(error))
   except trainer.TrainingError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)
@@ -224,7 +255,7 @@ def run() -> None:
     sys.modules["__main__"].__doc__ = __doc__
     for flag in flags.FLAGS.get_key_flags_for_module(__name__):
       flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)
 
 
 if __name__ == "__main__":

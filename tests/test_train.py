@@ -167,9 +167,12 @@ def test_init_from_with_other_classes_reinitialises_the_class_table(tmp_path):
 
 @pytest.fixture(scope="module")
 def interrupted_runs(tmp_path_factory):
-  """A reference run, and a run killed with SIGKILL after a checkpoint then resumed and stopped by SIGTERM."""
+  """A reference run, and a run killed with SIGKILL after a checkpoint then resumed and stopped by SIGTERM.
+
+  All with --seed=5 (which overrides config.seed): the resumed run is the same run only with the same seed.
+  """
   base = tmp_path_factory.mktemp("runs")
-  flags = ("--config.train.checkpoint_every_steps=3",)
+  flags = ("--config.train.checkpoint_every_steps=3", "--seed=5")
   reference, broken = base / "reference", base / "broken"
   ref_process, broken_process = start(reference, *flags), start(broken, *flags)
   wait_for(lambda: len(committed_steps(broken)) >= 1 and max(losses(broken), default=0) >= 4, broken_process)
@@ -192,6 +195,12 @@ def test_resumed_after_kill_equals_uninterrupted(interrupted_runs):
   reference, resumed = losses(runs["reference"]), losses(runs["broken"])
   steps = [s for s in range(1, 13)]
   np.testing.assert_allclose([resumed[s] for s in steps], [reference[s] for s in steps], rtol=1e-6)
+
+
+def test_seed_flag_changes_the_run(interrupted_runs, digits_run):
+  """The runs with --seed=5 differ from the same training with config.seed 0 (the digits run) from the first step."""
+  _, seed_0_workdir, _ = digits_run
+  assert abs(losses(interrupted_runs["reference"])[1] - losses(seed_0_workdir)[1]) > 1e-3
 
 
 def test_sigterm_checkpoints_the_current_step(interrupted_runs):

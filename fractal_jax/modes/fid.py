@@ -64,6 +64,11 @@ def run(config: Any, request: FidRequest) -> dict[str, float]:
       reference = fid.load_reference(request.ref_stats)
     except ValueError as error:
       raise model_config.ConfigError(f"--ref_stats: {error}") from None
+  _require(
+    reference is not None or extractor.has_logits or bool(request.adm_npz or request.write_images),
+    f"--mode=fid would compute nothing: {request.inception or 'the Inception file'} has no logits for the Inception "
+    "Score, and FID and precision/recall need --ref_stats=<stats.npz> (--mode=ref_stats makes one)",
+  )
   sampler = loaded.from_checkpoint(config, request.checkpoint, int(config.sample.batch_size), weights=request.weights)
   labels = fid.class_balanced_labels(request.num_images, num_classes)
   shards = fid.num_shards(len(labels), sampler.batch_size)
