@@ -113,6 +113,8 @@ def _defined_flags(module_path):
       if node.func.attr == "DEFINE_enum" and len(node.args) > 2:
         values = [ast.literal_eval(v) for v in node.args[2].elts]
       flags[node.args[0].value] = values
+    if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "define_config_flag":
+      flags["config"] = None  # config.define_config_flag: ml_collections' --config with our file loader
   return flags
 
 

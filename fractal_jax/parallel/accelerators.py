@@ -140,6 +140,8 @@ def tpu_devices(slice_: Slice) -> list[Any]:
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", slice_.accelerator_type)
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  # Nothing runs on a TPU here: two compiles at once (or one beside a run on a TPU VM) need not exclude each other.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
 
   kwargs: dict[str, Any] = {}
