@@ -46,7 +46,12 @@ def test_slice_names_map_to_libtpu_topologies(name, topology, host_bounds):
 
 @pytest.mark.parametrize(
   "name, message",
-  [("v4-8", "v4 is not supported"), ("v5p-12", "no 12-TensorCores v5p slice"), ("h100x8", "not a TPU slice name")],
+  [
+    ("v4-8", "v4 is not supported"),
+    ("v5p-12", "no 12-TensorCores v5p slice"),
+    ("h100x8", "GPUs cannot be compiled for without one"),
+    ("tpu-8", "not a TPU slice name"),
+  ],
 )
 def test_unusable_slice_names_are_refused_with_the_reason(name, message):
   with pytest.raises(accelerators.TopologyError, match=message):

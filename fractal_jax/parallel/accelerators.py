@@ -103,6 +103,12 @@ class Slice:
 def parse_slice(name: str) -> Slice:
   """`v5p-16` / `v5litepod-8` / `v6e-4` / `v5p:2x2x2` -> Slice; TopologyError naming what works otherwise."""
   text = name.strip().lower()
+  if re.match(r"(h100|h200|a100|b200|gpu)", text):
+    raise TopologyError(
+      f"--topology={name}: GPUs cannot be compiled for without one: JAX's CUDA plugin (jax 0.10.2) cannot describe "
+      "a GPU that is not attached (get_topology_desc: 'topology not implemented for cuda'); run --mode=aot on a TPU "
+      "slice name, or compile on the GPU machine itself"
+    )
   if text.startswith("v4"):
     raise TopologyError(
       f"--topology={name}: v4 is not supported: libtpu describes each v4 TensorCore as a device while a real "
