@@ -107,8 +107,10 @@ def base_config() -> ml_collections.ConfigDict:
       worker_count=0,  # grain worker processes per host
     )
   )
-  # Logical parameter axes -> mesh axes (fractal_jax.parallel.sharding); None = replicated.
+  # Logical axes -> mesh axes (fractal_jax.parallel.sharding); None = replicated. Parameters name theirs where they
+  # are created; "batch" is the item axis of the training step's activations at every level.
   config.sharding_rules = (
+    ("batch", ("data", "fsdp")),
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("qkv", "tensor"),

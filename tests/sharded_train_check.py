@@ -56,7 +56,7 @@ def check_step_equals_single_device(s) -> None:
   batch = NamedSharding(device_mesh, mesh.batch_spec())
   # As the trainer: the loss compacts the items of each batch shard on its own.
   sharded_step = jax.jit(
-    functools.partial(step, batch_shards=mesh.batch_size_per_step(device_mesh)),
+    functools.partial(step, batch_shards=mesh.batch_size_per_step(device_mesh), axis_rules=sharding.default_rules()),
     in_shardings=(shardings, batch, batch, replicated),
     out_shardings=(shardings, replicated),
   )

@@ -146,7 +146,9 @@ def _compile_train_step(config: Any, model_settings: ModelSettings, mesh: Mesh, 
   side = model_settings.img_size
   images = jax.ShapeDtypeStruct((batch, side, side, 3), jnp.uint8, sharding=batch_sharding)
   labels = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=batch_sharding)
-  step_fn = trainer.make_step_fn(model, tx, shardings, batch_sharding, jax.random.key(0), train_cfg)
+  step_fn = trainer.make_step_fn(
+    model, tx, shardings, batch_sharding, jax.random.key(0), train_cfg, axis_rules=config.sharding_rules
+  )
   with jax.set_mesh(mesh):
     return step_fn.lower(state, images, labels).compile(), state
 

@@ -16,9 +16,11 @@ last good state (and checkpoint) intact.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -40,10 +42,6 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, ema: bool =
   return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), ema_params)
 
 
-# uint8 images (what the input pipeline ships) -> ImageNet-normalised float32, beside its inverse in `pixel_head`.
-normalize = pixel_head.normalize_uint8
-
-
 def _loss_and_grads(
   model: fractal.FractalModel,
   params: Any,
@@ -56,7 +54,9 @@ def _loss_and_grads(
 
   def loss_fn(p: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
     rngs = fractal.make_rngs(key)
-    return model.apply({"params": p}, normalize(images), labels, train=True, arrangement=arrangement, rngs=rngs)
+    return model.apply(
+      {"params": p}, pixel_head.normalize_uint8(images), labels, train=True, arrangement=arrangement, rngs=rngs
+    )
 
   (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return aux, grads
@@ -113,6 +113,7 @@ def train_step(
   accum_steps: int = 1,
   ema_decay: float | None = None,
   batch_shards: int = 1,
+  axis_rules: Sequence[tuple[str, Any]] = (),
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One step on a batch.
 
@@ -127,6 +128,9 @@ def train_step(
     batch_shards: devices the batch is split over (`mesh.batch_size_per_step`):
       the loss compacts the items of each shard on its own, so that the
       sorts and gathers stay on-device (`compaction.CompactedItems`).
+    axis_rules: logical axis -> mesh axes (`config.sharding_rules`), in force
+      while the loss is traced: the model lays every level's items along
+      "batch" (none: the partitioner decides).
 
   Returns:
     (new state, metrics): `loss`, `pixel_loss`, `pixel_ce_{r,g,b}`,
@@ -142,10 +146,11 @@ def train_step(
     raise ValueError(f"ema_decay={ema_decay} given, but the state has no EMA parameters (init_state(..., ema=False))")
   step_key = jax.random.fold_in(key, state.step)
   arrangement = compaction.CompactedItems(groups=batch_shards)
-  if accum_steps == 1:
-    aux, grads = _loss_and_grads(model, state.params, images, labels, step_key, arrangement)
-  else:
-    aux, grads = _accumulated(model, state.params, images, labels, step_key, accum_steps, arrangement)
+  with nn.logical_axis_rules(tuple(tuple(rule) for rule in axis_rules)):
+    if accum_steps == 1:
+      aux, grads = _loss_and_grads(model, state.params, images, labels, step_key, arrangement)
+    else:
+      aux, grads = _accumulated(model, state.params, images, labels, step_key, accum_steps, arrangement)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema_params = state.ema_params

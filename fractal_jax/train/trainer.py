@@ -348,6 +348,7 @@ def make_step_fn(
   batch_sharding: NamedSharding,
   run_key: jax.Array,
   train_cfg: Any,
+  axis_rules: Any = (),
 ) -> Callable[[train_step.TrainState, jax.Array, jax.Array], tuple[train_step.TrainState, dict[str, jax.Array]]]:
   """The jitted step `(state, images, labels) -> (state, metrics)` of `train_step.train_step`.
 
@@ -372,6 +373,7 @@ def make_step_fn(
       accum_steps=train_cfg.grad_accum_steps,
       ema_decay=ema_decay,
       batch_shards=batch_shards,
+      axis_rules=axis_rules,
     )
 
   return jax.jit(
@@ -490,7 +492,7 @@ def train(config: Any, workdir: str, stop_at_step: int = 0) -> dict[str, float]:
   init_key, run_key = run_keys(config.seed)
   started = time.perf_counter()
   state = create_state(plan, model, tx, shardings, init_key, checkpointer, iterator)
-  step_fn = make_step_fn(model, tx, shardings, batch_sharding, run_key, train_cfg)
+  step_fn = make_step_fn(model, tx, shardings, batch_sharding, run_key, train_cfg, axis_rules=config.sharding_rules)
   first_step = int(state.step)
   print(
     f"training {fractal.count_params(state.params):,} parameters on {plan.mesh.size} device(s) "
