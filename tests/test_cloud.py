@@ -95,9 +95,16 @@ class Sandbox:
     )
 
   def run(self, *flags: str) -> subprocess.CompletedProcess:
-    process = self.start(*flags)
-    out, err = process.communicate(timeout=400)
-    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+    return self.run_together(flags)[0]
+
+  def run_together(self, *commands: tuple[str, ...]) -> list[subprocess.CompletedProcess]:
+    """Runs the commands (flag tuples) at the same time; their results in order."""
+    processes = [self.start(*flags) for flags in commands]
+    results = []
+    for process in processes:
+      out, err = process.communicate(timeout=400)
+      results.append(subprocess.CompletedProcess(process.args, process.returncode, out, err))
+    return results
 
 
 def committed(workdir: str) -> list[int]:
@@ -129,10 +136,12 @@ def gs_runs(gcs_server, tmp_path_factory):
   killed.communicate()
   at_kill = committed(workdir)[-1]
   end = at_kill + 3
-  resumed = sandbox.run(*flags, f"--stop_at_step={end}")
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  reference = tmp_path_factory.mktemp("reference")
+  resuming = sandbox.start(*flags, f"--stop_at_step={end}")
+  reference = tmp_path_factory.mktemp("reference")  # trained here meanwhile
   trainer.train(tiny_train_config(checkpoint_every_steps=3), str(reference), stop_at_step=end)
+  out, err = resuming.communicate(timeout=400)
+  resumed = subprocess.CompletedProcess(resuming.args, resuming.returncode, out, err)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
   return dict(sandbox=sandbox, workdir=workdir, reference=reference, at_kill=at_kill, end=end, resumed=resumed)
 
 
@@ -153,8 +162,7 @@ def test_gs_sample_nll_fid_and_a_bad_newest_step(gs_runs):
   sandbox, workdir, out = gs_runs["sandbox"], gs_runs["workdir"], f"gs://{GCS_BUCKET}/out"
   rng = np.random.default_rng(0)
   paths.save_npz(f"{out}/ref.npz", mu=np.zeros(2048), sigma=np.eye(2048), features=rng.normal(size=(40, 2048)))
-
-  nll = sandbox.run(
+  nll_flags = (
     "--mode=nll",
     f"--checkpoint={workdir}",
     "--config.eval.nll_passes=1",
@@ -162,9 +170,6 @@ def test_gs_sample_nll_fid_and_a_bad_newest_step(gs_runs):
     "--config.eval.max_images=50",
     f"--output={out}/nll.json",
   )
-  assert nll.returncode == 0, nll.stderr[-3000:]
-  assert json.loads(paths.path(f"{out}/nll.json").read_text())["num_images"] == 50
-
   fid_flags = (
     *EVAL,
     "--mode=fid",
@@ -174,7 +179,9 @@ def test_gs_sample_nll_fid_and_a_bad_newest_step(gs_runs):
     f"--output_dir={out}/fid",
     f"--output={out}/fid.json",
   )
-  first = sandbox.run(*fid_flags)
+  nll, first = sandbox.run_together(nll_flags, fid_flags)
+  assert nll.returncode == 0, nll.stderr[-3000:]
+  assert json.loads(paths.path(f"{out}/nll.json").read_text())["num_images"] == 50
   assert first.returncode == 0, first.stderr[-3000:]
   figures = json.loads(paths.path(f"{out}/fid.json").read_text())
   assert figures["num_images"] == 20 and figures["fid"] > 0 and 0 <= figures["precision"] <= 1
@@ -184,22 +191,22 @@ def test_gs_sample_nll_fid_and_a_bad_newest_step(gs_runs):
   assert second.returncode == 0 and "1 shards already done" in second.stdout, second.stderr[-3000:]
   assert json.loads(paths.path(f"{out}/fid.json").read_text())["fid"] == pytest.approx(figures["fid"], rel=1e-6)
 
-  # The newest step damaged (three data files truncated): sample names it and the --step to use instead.
+  # The newest step damaged (three data files truncated): sample names it and the --step to use instead; with
+  # that --step it samples.
   newest, older = committed(workdir)[-1], committed(workdir)[-2]
   data = paths.path(f"{workdir}/checkpoints/{newest}/params/ocdbt.process_0/d")
   for name in sorted(p.name for p in data.iterdir())[:3]:
     (data / name).write_bytes((data / name).read_bytes()[:20])
   sample_flags = ("--mode=sample", f"--checkpoint={workdir}", "--labels=1,2,3")
-  bad = sandbox.run(*sample_flags, f"--output={out}/bad.png")
+  outputs = (f"--output={out}/grid.png", f"--output_dir={out}/images", f"--gif={out}/gen.gif")
+  bad, sample = sandbox.run_together(
+    (*sample_flags, f"--output={out}/bad.png"), (*sample_flags, f"--step={older}", *outputs)
+  )
   assert bad.returncode == 2, bad.stderr[-3000:]
   error = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
   assert len(error) == 1 and f"step {newest} does not restore" in error[0] and f"--step={older}" in error[0]
   assert "Traceback" not in bad.stderr and len(bad.stderr.splitlines()) < 20, bad.stderr[-3000:]
   assert not paths.path(f"{out}/bad.png").exists()
-
-  sample = sandbox.run(
-    *sample_flags, f"--step={older}", f"--output={out}/grid.png", f"--output_dir={out}/images", f"--gif={out}/gen.gif"
-  )
   assert sample.returncode == 0, sample.stderr[-3000:]
   names = sorted(p.name for p in paths.path(f"{out}/images").iterdir())
   assert names == ["000000_class1.png", "000001_class2.png", "000002_class3.png"]

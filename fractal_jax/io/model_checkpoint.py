@@ -323,7 +323,9 @@ def load_params(
   directory = resolve_directory(directory)
   stored = stored_model_config(directory, step)
   check_model_config(stored, model_cfg, directory)
-  target = fractal.abstract_params(dataclasses.replace(model_settings, scan_blocks=True))
+  # NumPy targets: restored on the host whatever devices (or hosts) wrote the step; np.empty commits no memory.
+  abstract = fractal.abstract_params(dataclasses.replace(model_settings, scan_blocks=True))
+  target = jax.tree.map(lambda leaf: np.empty(leaf.shape, leaf.dtype), abstract)
   item = {"raw": PARAMS_ITEM, "ema": EMA_ITEM}[weights]
   manager = _manager(directory, read_only=True)
   try:
