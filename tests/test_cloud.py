@@ -20,10 +20,12 @@ import numpy as np
 import pytest
 import tiny_models
 from conftest import GCS_BUCKET, ROOT
+from test_convert import PTH, fixture_cfg
 from tiny_training import TINY_FLAGS, tiny_train_config
 
+from fractal_jax import convert
 from fractal_jax.evaluation import fid
-from fractal_jax.io import image_files, model_checkpoint, paths
+from fractal_jax.io import image_files, model_checkpoint, paths, torch_pickle
 from fractal_jax.model import model_config
 from fractal_jax.train import metric_writers, state_checkpoint, trainer
 
@@ -67,6 +69,64 @@ def test_jsonl_on_gs_is_rewritten_whole(gcs_server):
   writer.write_scalars(3, {"loss": 1.0})
   writer.close()
   assert [r["loss"] for r in metric_writers.read_jsonl(workdir)] == [3.0, 2.0, 1.0]
+
+
+def test_tensorboard_writer_that_cannot_start_leaves_a_warning(gcs_server, monkeypatch, capsys):
+  """TensorFlow's GCS client, which the TensorBoard writer uses, cannot reach the emulator: as when it has no
+  credentials, the run goes on without events files."""
+  from clu import metric_writers as clu_writers
+
+  made = clu_writers.create_default_writer
+
+  def failing(logdir=None, *, just_logging=False, **kwargs):
+    if not just_logging:
+      raise RuntimeError(f"Could not resolve host: www.googleapis.com when reading {logdir}")
+    return made(logdir, just_logging=just_logging, **kwargs)
+
+  monkeypatch.setattr(clu_writers, "create_default_writer", failing)
+  workdir = f"gs://{GCS_BUCKET}/no_tensorboard"
+  writer = metric_writers.make_writer(workdir)
+  writer.write_scalars(1, {"loss": 1.0})
+  writer.close()
+  warning = capsys.readouterr().out
+  assert warning.startswith(f"warning: no TensorBoard events: TensorFlow cannot write to {workdir} (RuntimeError")
+  assert metric_writers.read_jsonl(workdir) == [{"step": 1, "loss": 1.0}]
+
+
+def test_image_folder_on_gs(gcs_server):
+  import io
+
+  from PIL import Image
+
+  from fractal_jax.data import input_pipeline
+
+  root = f"gs://{GCS_BUCKET}/imagenet"
+  rng = np.random.default_rng(0)
+  for c in range(2):
+    for i in range(4):
+      buffer = io.BytesIO()
+      Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(buffer, format="JPEG")
+      paths.path(f"{root}/train/n0{c}/{i}.JPEG").write_bytes(buffer.getvalue())
+  config = tiny_train_config()
+  config.data.name, config.data.root = "imagefolder", root
+  source = input_pipeline.make_source(config.data, "train")
+  assert len(source) == 8 and source.num_classes == 2
+  batch = next(iter(input_pipeline.eval_batches(source, image_size=8, batch_size=8)))  # (no background threads)
+  assert batch["image"].shape == (8, 8, 8, 3) and batch["label"].tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+def test_convert_reads_and_writes_gs(gcs_server):
+  root = f"gs://{GCS_BUCKET}/convert"
+  paths.path(f"{root}/tiny.pth").write_bytes(PTH.read_bytes())
+  convert.import_checkpoint(f"{root}/tiny.pth", f"{root}/ckpt", fixture_cfg(), log=lambda _: None)
+  convert.export_checkpoint(f"{root}/ckpt", f"{root}/back.npz", fixture_cfg(), log=lambda _: None)
+  with paths.load_npz(f"{root}/back.npz") as npz:
+    back = {name: npz[name] for name in npz.files}
+  original = torch_pickle.read_state_dict(PTH)
+  assert sorted(back) == sorted(original)
+  for name, value in original.items():
+    np.testing.assert_array_equal(back[name], np.asarray(value, np.float32))
+  assert [p.name for p in paths.path(root).iterdir()] == ["back.npz", "ckpt", "tiny.pth"]  # no .partial left
 
 
 # --- subprocesses on a gs:// workdir ----------------------------------------------------------------------------

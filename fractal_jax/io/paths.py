@@ -10,9 +10,13 @@ prefer when TensorFlow is installed) serves no file but clu's TensorBoard
 events (`train.metric_writers`).
 
 Object stores have no rename (a "rename" copies and deletes every object),
-but writing one object is atomic there; so `write_bytes_atomic` writes local
-files to a temporary name and renames them, and remote ones directly. They
-also have no append: `train.metric_writers` rewrites `metrics.jsonl` whole.
+but writing one object is atomic there; so `atomic_writer` writes local
+files to a temporary name and renames them, and remote ones as one upload.
+They also have no append: `train.metric_writers` rewrites `metrics.jsonl`
+whole. gcsfs's listing cache is turned off (below): the hosts of a pod slice,
+and reruns, must see what the others wrote.
+
+Config files (`--config`) stay local: ml_collections imports them as Python.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ from etils import epath
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
-# gcsfs caches directory listings per process; with several hosts (or a rerun) sharing a gs:// workdir, a listing
-# must show what the others wrote since (e.g. a checkpoint step set aside by process 0). Off unless configured.
+# gcsfs caches directory listings per process; with several hosts sharing a gs:// workdir, a listing must show what
+# the others wrote since (e.g. a checkpoint step set aside by process 0). Off unless fsspec's config says otherwise.
 fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
 
 
@@ -87,12 +91,6 @@ def atomic_writer(p: str | os.PathLike) -> Iterator[IO[bytes]]:
   os.replace(partial, p)
 
 
-def write_bytes_atomic(p: str | os.PathLike, data: bytes) -> None:
-  """Writes `data` to `p` through `atomic_writer`."""
-  with atomic_writer(p) as file:
-    file.write(data)
-
-
 def npz_bytes(**arrays: np.ndarray) -> bytes:
   """`np.savez` of `arrays`, in memory."""
   buffer = io.BytesIO()
@@ -100,18 +98,13 @@ def npz_bytes(**arrays: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
-def save_npz(p: str | os.PathLike, *, atomic: bool = False, **arrays: np.ndarray) -> None:
-  """`np.savez(p, **arrays)` for any path, `.npz` appended as NumPy does (`atomic`: `write_bytes_atomic`)."""
-  data = npz_bytes(**arrays)
+def save_npz(p: str | os.PathLike, **arrays: np.ndarray) -> None:
+  """`np.savez(p, **arrays)` for any path, `.npz` appended as NumPy does."""
   p = path(p)
   if not p.name.endswith(".npz"):
     p = p.with_name(p.name + ".npz")
-  if atomic:
-    write_bytes_atomic(p, data)
-  else:
-    p = path(p)
-    make_parent(p)
-    p.write_bytes(data)
+  make_parent(p)
+  p.write_bytes(npz_bytes(**arrays))
 
 
 def load_npz(p: str | os.PathLike) -> Any:

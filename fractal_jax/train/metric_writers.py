@@ -11,7 +11,8 @@ every `flush` (the trainer flushes before each checkpoint) and `close`.
 TensorBoard's event files are written by TensorFlow's own GCS client (clu's
 writer uses `tf.io.gfile`; the rest of the project uses gcsfs through
 `etils.epath`); `tensorboard=False` (`config.train.tensorboard`) leaves
-them out.
+them out, and so does a writer TensorFlow cannot make (one warning line:
+the run goes on with the log and `metrics.jsonl`).
 """
 
 from __future__ import annotations
@@ -121,7 +122,16 @@ def make_writer(workdir: str | os.PathLike, tensorboard: bool = True) -> Any:
 
   if jax.process_index() > 0:
     return metric_writers.MultiWriter([])
-  default = metric_writers.create_default_writer(str(workdir), just_logging=not tensorboard, asynchronous=True)
+  try:
+    default = metric_writers.create_default_writer(str(workdir), just_logging=not tensorboard, asynchronous=True)
+  except Exception as error:  # noqa: BLE001 (TensorFlow's errors: no credentials or network for its GCS client...)
+    reason = " ".join(str(error).split())[:300]
+    print(
+      f"warning: no TensorBoard events: TensorFlow cannot write to {workdir} ({type(error).__name__}: {reason}); "
+      f"{JSONL} and the log still get every figure (--config.train.tensorboard=False skips this)",
+      flush=True,
+    )
+    default = metric_writers.create_default_writer(just_logging=True, asynchronous=True)
   return metric_writers.MultiWriter([default, JsonlWriter(paths.path(workdir) / JSONL)])
 
 
