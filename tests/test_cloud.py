@@ -145,7 +145,7 @@ class Sandbox:
       JAX_PLATFORMS="cpu",
       HOME=str(self.home),
       TMPDIR=str(self.tmp),  # temporary caches may go here
-      PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+      PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
     )
 
   def start(self, *flags: str) -> subprocess.Popen:
