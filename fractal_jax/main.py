@@ -55,6 +55,7 @@ _NO_FLOPS = flags.DEFINE_bool("no_flops", False, "summary: skip the FLOP count (
 _CHECKPOINT = flags.DEFINE_string(
   "checkpoint", None, "sample, nll, fid, edit: a training workdir (its latest step) or a converted checkpoint."
 )
+_STEP = flags.DEFINE_integer("step", None, "sample, nll, fid, edit: the checkpoint step to read (default: the newest).")
 _LABELS = flags.DEFINE_string(
   "labels", None, "sample, edit: comma-separated class ids, e.g. 207,360 (-1: no class; edit default)."
 )
@@ -104,6 +105,7 @@ def run_sample(config) -> None:
     output_dir=_OUTPUT_DIR.value,
     gif=_GIF.value,
     weights=_WEIGHTS.value,
+    step=_STEP.value,
   )
   sample_mode.run(config, request)
 
@@ -123,6 +125,7 @@ def run_edit(config) -> None:
     output_dir=_OUTPUT_DIR.value,
     gif=_GIF.value,
     weights=_WEIGHTS.value,
+    step=_STEP.value,
   )
   edit_mode.run(config, request)
 
@@ -147,7 +150,7 @@ def run_train(config) -> None:
 def run_nll(config) -> None:
   from fractal_jax.modes import nll as nll_mode
 
-  nll_mode.run(config, _CHECKPOINT.value, _OUTPUT.value, _WEIGHTS.value)
+  nll_mode.run(config, _CHECKPOINT.value, _OUTPUT.value, _WEIGHTS.value, step=_STEP.value)
 
 
 def run_fid(config) -> None:
@@ -164,6 +167,7 @@ def run_fid(config) -> None:
     write_images=_WRITE_IMAGES.value,
     adm_npz=_ADM_NPZ.value,
     weights=_WEIGHTS.value,
+    step=_STEP.value,
   )
   fid_mode.run(config, request)
 

@@ -9,6 +9,7 @@ not affected.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 
@@ -60,3 +61,74 @@ def digits_run(tmp_path_factory):
   np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048))
   config = tiny_train_config(eval_every_steps=2, eval_num_samples=10, eval_max_images=16, eval_fid_stats=str(stats))
   return config, workdir, trainer.train(config, str(workdir), stop_at_step=2)
+
+
+GCS_BUCKET = "fractal-test"
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+  """A real GCS server for the session: gcp-storage-emulator, in memory, on a free port of 127.0.0.1.
+
+  Returns the environment that points clients at it (gcsfs through etils.epath, TensorStore through orbax; both
+  read it when they first connect): it is set in this process and is what subprocesses need. TensorFlow's own
+  GCS client (clu's TensorBoard writer) cannot be pointed at it: runs here set config.train.tensorboard=False.
+  `tests/gcs_emulator.py` starts it with one fix (GCS's generation header). It answers 501 to gcsfs's move (a rename then copies and deletes, ~33 s an object) and ignores
+  listing offsets: the code under test must neither rename on gs:// nor list with offsets.
+  """
+  import socket
+  import subprocess
+  import sys
+  import time
+  import urllib.request
+
+  if importlib.util.find_spec("gcp_storage_emulator") is None:
+    pytest.skip("gcp-storage-emulator is not installed (pip install -e '.[test]')")
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  emulator = str(ROOT / "tests" / "gcs_emulator.py")  # the emulator with GCS's generation header (see there)
+  command = [sys.executable, emulator, "start", "--host=127.0.0.1", f"--port={port}"]
+  command += ["--in-memory", f"--default-bucket={GCS_BUCKET}"]
+  server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.time() + 60
+  while True:
+    try:
+      with urllib.request.urlopen(f"{url}/storage/v1/b/{GCS_BUCKET}", timeout=2):
+        break
+    except OSError:
+      if server.poll() is not None or time.time() > deadline:
+        server.kill()
+        raise RuntimeError(f"gcp-storage-emulator did not start on {url}") from None
+      time.sleep(0.1)
+  env = {
+    "STORAGE_EMULATOR_HOST": url,
+    "TENSORSTORE_GCS_HTTP_URL": url,
+    "FSSPEC_GCS_TOKEN": "anon",
+    "NO_GCE_CHECK": "true",
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy",
+    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",  # else gcsfs spends a minute per bucket probing
+    "EPATH_USE_TF": "false",  # with TensorFlow installed epath would use tf.io.gfile, which cannot be redirected
+  }
+  saved = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  # This process may have read fsspec's environment already: give gcsfs its anonymous token directly (without it
+  # gcsfs would look for credentials, the GCE metadata server included) and drop instances made before.
+  import fsspec
+  import gcsfs
+
+  saved_conf = {proto: dict(fsspec.config.conf.get(proto, {})) for proto in ("gs", "gcs")}
+  for proto in saved_conf:
+    fsspec.config.conf.setdefault(proto, {})["token"] = "anon"
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  yield env
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  fsspec.config.conf.update(saved_conf)
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
+  server.terminate()
+  server.wait(timeout=30)

@@ -22,7 +22,7 @@ from conftest import ROOT
 from PIL import Image
 
 from fractal_jax import config as config_lib
-from fractal_jax.io import paths
+from fractal_jax.io import path_checks
 from fractal_jax.model import model_config
 from fractal_jax.modes import checks
 
@@ -113,6 +113,9 @@ CASES = [
   Case("sample writes nothing", SAMPLE[:-1], "nothing to write"),
   Case("inception is a directory", (*FID, "--inception={files}/folder.png"), "--inception={files}/folder.png is a"),
   Case("checkpoint missing", (*SAMPLE[:2], "--checkpoint={files}/missing", *SAMPLE[3:]), "no such directory"),
+  Case("step the checkpoint lacks", (*NLL, "--step=7"), "--step=7: {ckpt} has no such step"),
+  Case("negative step", (*SAMPLE, "--step=-1"), "--step must be >= 0"),
+  Case("step in train", (*TRAIN, "--step=1"), "--step is not read by --mode=train"),
   # The converter.
   Case("convert: config without get_config", ("--config={files}/no_get_config.py",), "has no get_config()", CONVERT),
   Case("convert: override typo", (TINY, "--config.model.depth=3"), "did you mean depths?", CONVERT),
@@ -285,9 +288,9 @@ def test_config_files_load_with_their_arguments_and_prints(tmp_path, capsys):
 
 
 def test_output_paths_are_checked_without_writing(tmp_path):
-  paths.check_output_file("--output", str(tmp_path / "new" / "deeper" / "grid.png"), (".png",), "the grid")
-  paths.check_output_dir("--workdir", str(tmp_path / "new" / "run"))
-  paths.check_output_file("--output", "gs://bucket/grid.png", (".png",), "the grid")  # remote: suffix only
+  path_checks.check_output_file("--output", str(tmp_path / "new" / "deeper" / "grid.png"), (".png",), "the grid")
+  path_checks.check_output_dir("--workdir", str(tmp_path / "new" / "run"))
+  path_checks.check_output_file("--output", "gs://bucket/grid.png", (".png",), "the grid")  # remote: suffix only
   with pytest.raises(model_config.ConfigError, match=r"name it \*.png"):
-    paths.check_output_file("--output", "gs://bucket/grid.jpeg", (".png",), "the grid")
+    path_checks.check_output_file("--output", "gs://bucket/grid.jpeg", (".png",), "the grid")
   assert not list(tmp_path.iterdir())

@@ -7,9 +7,10 @@ Samples (`sample_shards`): N images, N / num_classes of each class
 (class-balanced like the official evaluation, `class_balanced_labels`), in
 shards of one sampling batch. Each shard's Inception pool features (and
 logits when the weight file has them) go to `<directory>/shard_<k>.npz` as
-soon as it is done, written atomically, and a restarted run skips the shards
-it finds: a killed run resumes where it stopped and ends with the same
-numbers. Images go to Inception on the devices, without PNG round trips.
+soon as it is done, written atomically (local: to a temporary name, then
+renamed; `gs://`: one object write, atomic there, where a rename would be a
+slow copy), and a restarted run skips the shards it finds: a killed run
+resumes where it stopped and ends with the same numbers. Images go to Inception on the devices, without PNG round trips.
 `score` gives FID against reference statistics, the Inception Score (10
 splits; needs logits) and precision / recall (k = 3; needs reference
 features).
@@ -26,17 +27,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pathlib
 from collections.abc import Iterable
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 from tqdm import tqdm
 
 from fractal_jax.evaluation import image_metrics, inception, inception_weights
-from fractal_jax.io import image_files
+from fractal_jax.io import image_files, paths
 from fractal_jax.parallel import mesh as mesh_lib
 from fractal_jax.sampling.loaded import LoadedSampler
 
@@ -87,7 +88,7 @@ def load_reference(path: str | os.PathLike) -> Reference:
     ValueError: no `mu` / `sigma`, or not 2048-d.
   """
   mu, sigma = image_metrics.load_reference_stats(path, dim=inception.POOL_DIM)
-  with np.load(path) as data:
+  with paths.load_npz(path) as data:
     features = np.asarray(data["features"]) if "features" in data else None
   return Reference(mu, sigma, features)
 
@@ -101,13 +102,18 @@ def num_shards(num_images: int, batch_size: int) -> int:
   return -(-num_images // batch_size)
 
 
-def shard_path(directory: str | os.PathLike, shard: int) -> pathlib.Path:
-  return pathlib.Path(directory) / SHARD_PATTERN.format(shard)
+def shard_path(directory: str | os.PathLike, shard: int) -> epath.Path:
+  return paths.path(directory) / SHARD_PATTERN.format(shard)
 
 
 def finished_shards(directory: str | os.PathLike, count: int) -> list[int]:
-  """The shards among 0..count-1 whose file exists (a half-written one never does: `_save_atomic`)."""
-  return [k for k in range(count) if shard_path(directory, k).is_file()]
+  """The shards among 0..count-1 whose file exists (a half-written one never does: `_save_atomic`).
+
+  One listing of `directory` (not one request per shard on gs://).
+  """
+  directory = paths.path(directory)
+  names = {p.name for p in directory.iterdir()} if directory.is_dir() else set()
+  return [k for k in range(count) if SHARD_PATTERN.format(k) in names]
 
 
 def sample_shards(
@@ -129,14 +135,14 @@ def sample_shards(
   Returns:
     The number of images this call sampled.
   """
-  directory = pathlib.Path(directory)
+  directory = paths.path(directory)
   batch = sampler.batch_size
   sampled = 0
-  for shard in tqdm(
-    range(num_shards(len(labels), batch)), desc="shards", unit="shard", disable=jax.process_index() != 0
-  ):
+  count = num_shards(len(labels), batch)
+  done = set(finished_shards(directory, count))
+  for shard in tqdm(range(count), desc="shards", unit="shard", disable=jax.process_index() != 0):
     path = shard_path(directory, shard)
-    if path.is_file():
+    if shard in done:
       continue
     first = shard * batch
     chunk = labels[first : first + batch]
@@ -161,7 +167,7 @@ def read_shards(directory: str | os.PathLike, count: int) -> dict[str, np.ndarra
   """The arrays of shards 0..count-1 joined, e.g. `pool` [N, 2048]; an array some shard lacks is left out."""
   parts: dict[str, list[np.ndarray]] = {}
   for shard in range(count):
-    with np.load(shard_path(directory, shard)) as data:
+    with paths.load_npz(shard_path(directory, shard)) as data:
       for name in data.files:
         parts.setdefault(name, []).append(data[name])
   return {name: np.concatenate(arrays) for name, arrays in parts.items() if len(arrays) == count}
@@ -184,14 +190,13 @@ def score(features: dict[str, np.ndarray], reference: Reference | None) -> dict[
 def save_adm_batch(path: str | os.PathLike, images: np.ndarray) -> None:
   """Images uint8 [N, S, S, 3] as the ADM evaluator's sample batch (`arr_0`); process 0 writes."""
   if jax.process_index() == 0:
-    np.savez(path, arr_0=images)
+    paths.save_npz(path, arr_0=images)
 
 
 def save_results(path: str | os.PathLike, results: dict[str, float]) -> None:
   """The figures as JSON; process 0 writes."""
   if jax.process_index() == 0:
-    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(path).write_text(json.dumps(results, indent=2) + "\n")
+    paths.write_text(path, json.dumps(results, indent=2) + "\n")
 
 
 def dataset_features(
@@ -223,15 +228,19 @@ def save_reference(path: str | os.PathLike, features: np.ndarray, num_features: 
   mu, sigma = image_metrics.feature_statistics(features)
   keep = features[:num_features]
   if jax.process_index() == 0:
-    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma, features=keep.astype(np.float32))
+    paths.save_npz(path, mu=mu, sigma=sigma, features=keep.astype(np.float32))
   return keep
 
 
-def _save_atomic(path: pathlib.Path, **arrays: np.ndarray) -> None:
-  """np.savez to a temporary name, then rename: a killed run never leaves a half-written shard."""
+def _save_atomic(path: epath.Path, **arrays: np.ndarray) -> None:
+  """A shard a killed run never leaves half-written: local, to `<shard>.tmp.npz` then renamed; remote, one object
+  write (atomic on GCS; a rename there would copy)."""
+  data = paths.npz_bytes(**arrays)
+  if paths.is_remote(path):
+    path.write_bytes(data)
+    return
   temporary = path.with_suffix(".tmp.npz")
-  np.savez(temporary, **arrays)
+  temporary.write_bytes(data)
   os.replace(temporary, path)
 
 

@@ -17,9 +17,10 @@ or any other extractor):
 from __future__ import annotations
 
 import os
-import pathlib
 
 import numpy as np
+
+from fractal_jax.io import paths
 
 
 def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -161,19 +162,18 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, block: int 
 
 
 def save_reference_stats(path: str | os.PathLike, mu: np.ndarray, sigma: np.ndarray) -> None:
-  pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-  np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+  """Writes `mu` and `sigma` as float64 to an `.npz` (local or gs://)."""
+  paths.save_npz(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
 
 
 def load_reference_stats(path: str | os.PathLike, dim: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-  """`mu` [dim] and `sigma` [dim, dim] of a reference-statistics `.npz`, checked."""
-  path = pathlib.Path(path)
-  if not path.is_file():
+  """`mu` [dim] and `sigma` [dim, dim] of a reference-statistics `.npz` (local or gs://), checked."""
+  if not paths.path(path).is_file():
     raise FileNotFoundError(
       f"reference statistics {path} not found: use the official fid_stats/adm_in64_stats.npz (ImageNet 64x64) or "
       "make them with --mode=ref_stats"
     )
-  with np.load(path) as data:
+  with paths.load_npz(path) as data:
     if "mu" not in data or "sigma" not in data:
       raise ValueError(f"{path} must hold arrays 'mu' and 'sigma' (it has {sorted(data.keys())})")
     mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fractal_jax.evaluation.inception import INPUT_SIZE, SOURCES, InceptionV3
-from fractal_jax.io import torch_pickle
+from fractal_jax.io import paths, torch_pickle
 
 ACCEPTED_FILES = (
   "The accepted FID Inception weight files are:\n"
@@ -288,7 +288,7 @@ def read_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     InceptionWeightsError: a file that is neither.
   """
   path = str(path)
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():  # local or gs://
     raise FileNotFoundError(f"Inception weight file {path} not found.\n{ACCEPTED_FILES}")
   try:
     obj = torch_pickle.load_pth(path)

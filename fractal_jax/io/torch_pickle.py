@@ -23,7 +23,7 @@ other global (`argparse.Namespace` in the `args` of training checkpoints, a
 TorchScript module class, or `os.system` in a malicious file) becomes an inert
 `Opaque` placeholder class that only records its arguments, so loading never
 runs code from the file. Tensors come back as NumPy arrays (bfloat16 as
-`ml_dtypes.bfloat16`).
+`ml_dtypes.bfloat16`). Files may be local or `gs://...` (`fractal_jax.io.paths`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from __future__ import annotations
 import collections
 import io
 import os
-import pathlib
 import pickle
 import sys
 import zipfile
@@ -40,6 +39,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from fractal_jax.io import paths
 
 # Legacy typed-storage class names (what `torch.save` pickles) -> dtype.
 STORAGE_DTYPES: dict[str, np.dtype] = {
@@ -369,7 +370,7 @@ def _archive_prefix(archive: zipfile.ZipFile, path: str) -> str:
 
 
 def _load_zip(path: str) -> Any:
-  with zipfile.ZipFile(path) as archive:
+  with paths.open_binary(path) as file, zipfile.ZipFile(file) as archive:
     prefix = _archive_prefix(archive, path)
     byteorder = "little"
     if f"{prefix}byteorder" in archive.namelist():
@@ -385,8 +386,13 @@ def _load_zip(path: str) -> Any:
       raise PthError(f"{path}: cannot unpickle data.pkl ({type(error).__name__}: {error})") from None
 
 
+def _is_zip(path: str) -> bool:
+  with paths.open_binary(path) as f:
+    return zipfile.is_zipfile(f)
+
+
 def _is_pickle(path: str) -> bool:
-  with open(path, "rb") as f:
+  with paths.open_binary(path) as f:
     return f.read(1) == b"\x80"  # the PROTO opcode that starts every pickle of protocol >= 2
 
 
@@ -400,11 +406,11 @@ def load_pth(path: str | os.PathLike) -> Any:
     PthError: not a PyTorch file, or a malformed one.
   """
   path = str(path)
-  if zipfile.is_zipfile(path):
+  if _is_zip(path):
     return _load_zip(path)
   if not _is_pickle(path):
     raise PthError(f"{path} is not a PyTorch file (neither a zip archive nor a pickle)")
-  with open(path, "rb") as f:
+  with paths.open_binary(path) as f:
     return load_legacy_pth(f.read(), path)
 
 
@@ -429,7 +435,7 @@ def script_module_tensors(module: Opaque, prefix: str = "", depth: int = 0) -> d
 
 
 def _is_npz(path: str) -> bool:
-  with zipfile.ZipFile(path) as archive:
+  with paths.open_binary(path) as file, zipfile.ZipFile(file) as archive:
     names = archive.namelist()
   return bool(names) and all(n.endswith(".npy") for n in names)
 
@@ -468,13 +474,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     PthError: not a readable checkpoint, or no state dict in it.
   """
   path = str(path)
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     raise FileNotFoundError(f"checkpoint file {path} not found")
-  if not zipfile.is_zipfile(path) and not _is_pickle(path):
+  is_zip = _is_zip(path)
+  if not is_zip and not _is_pickle(path):
     raise PthError(f"{path} is not a PyTorch checkpoint (.pth) nor a NumPy .npz file")
-  if zipfile.is_zipfile(path) and _is_npz(path):
+  if is_zip and _is_npz(path):
     try:
-      with np.load(path, allow_pickle=False) as npz:
+      with paths.open_binary(path) as file, np.load(file, allow_pickle=False) as npz:
         return state_dict_of({k: npz[k] for k in npz.files}, path)
     except ValueError as error:
       raise PthError(f"{path}: cannot read the .npz ({error})") from None
@@ -491,11 +498,8 @@ def save_npz(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
   for name, value in state_dict.items():
     value = np.asarray(value)
     arrays[name] = value.astype(np.float32) if value.dtype == ml_dtypes.bfloat16 else value
-  path = pathlib.Path(path)
-  partial = path.with_name(path.name + ".partial")
-  with open(partial, "wb") as f:
-    np.savez(f, **arrays)
-  partial.replace(path)
+  with paths.atomic_writer(path) as file:
+    np.savez(file, **arrays)
 
 
 def save_pth(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
@@ -518,7 +522,5 @@ def save_pth(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
       model[name] = torch.from_numpy(value.astype(np.float32)).to(torch.bfloat16)
     else:
       model[name] = torch.from_numpy(np.ascontiguousarray(value))
-  path = pathlib.Path(path)
-  partial = path.with_name(path.name + ".partial")
-  torch.save({"model": model}, partial)
-  partial.replace(path)
+  with paths.atomic_writer(path) as file:
+    torch.save({"model": model}, file)

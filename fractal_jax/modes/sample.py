@@ -28,6 +28,7 @@ class SampleRequest:
   output_dir: str | None
   gif: str | None
   weights: str = "raw"
+  step: int | None = None  # the checkpoint step (None: the newest)
 
 
 def parse_labels(request: SampleRequest, num_classes: int) -> np.ndarray:
@@ -62,6 +63,7 @@ def run(config: Any, request: SampleRequest) -> None:
     min(int(sample_cfg.batch_size), len(labels)),
     weights=request.weights,
     record_frames=bool(request.gif),
+    step=request.step,
   )
   batch = sampler.batch_size
   print(

@@ -106,10 +106,12 @@ def from_checkpoint(
   weights: str = "raw",
   record_frames: bool = False,
   edit: bool = False,
+  step: int | None = None,
 ) -> LoadedSampler:
   """The sampler of `config.sample` for a checkpoint (a training workdir or a converted one), on `config.mesh_shape`.
 
-  `weights` is "raw" or "ema"; the other arguments are `from_params`'s.
+  `weights` is "raw" or "ema"; `step` the checkpoint step (None: the newest); the other arguments are
+  `from_params`'s.
 
   Raises:
     ConfigError: a bad `config.sample` (before the parameters are read).
@@ -118,7 +120,7 @@ def from_checkpoint(
   model_settings = model_config.settings(config.model)
   plan = plan_from_config(model_settings, config.sample, record_frames=record_frames)
   mesh = mesh_lib.make_mesh(config.mesh_shape)
-  params = model_checkpoint.load_params(checkpoint, config.model, weights=weights)
+  params = model_checkpoint.load_params(checkpoint, config.model, step=step, weights=weights)
   return _compile(model_settings, plan, hyper_from_config(config.sample), params, mesh, batch_size, edit)
 
 

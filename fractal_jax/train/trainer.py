@@ -18,8 +18,12 @@ compiles, and a bad one never touches the workdir):
      `log_every_steps`), periodic evaluation (held-out bits/dim, a sample
      grid, and for the digits demo the classifier figures), asynchronous
      checkpoints every `checkpoint_every_steps`.
-SIGTERM (preemption): the current step is checkpointed, then the run ends;
-rerunning the same command resumes. A non-finite loss drops its step
+SIGTERM (preemption): every host checkpoints the same step, then the run
+ends; rerunning the same command resumes (`_Preemption`: with one process a
+Python flag, with several JAX's preemption sync manager, which agrees on the
+step even when only one host got the signal). The workdir may be local or
+`gs://...`; resuming takes the newest checkpoint that restores
+(`state_checkpoint`). A non-finite loss drops its step
 (`train_step`), stops the run with `TrainingError`, and no checkpoint is
 written after it: the newest one is the last good state.
 
@@ -30,7 +34,6 @@ side; batches are uint8 images [B, S, S, 3] and int32 labels [B].
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import signal
 import time
 from collections.abc import Callable
@@ -41,12 +44,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from fractal_jax.data import input_pipeline
 from fractal_jax.evaluation import nll
-from fractal_jax.io import image_files, model_checkpoint
+from fractal_jax.io import image_files, model_checkpoint, paths
 from fractal_jax.model import fractal, model_config
 from fractal_jax.parallel import mesh as mesh_lib
 from fractal_jax.parallel import sharding
@@ -63,7 +67,7 @@ class Plan:
   """Everything `prepare` checked and derived; no JAX computation has run."""
 
   config: Any
-  workdir: pathlib.Path
+  workdir: epath.Path  # local (absolute) or gs://
   model_settings: model_config.ModelSettings
   mesh: Mesh
   train_source: Any
@@ -118,10 +122,11 @@ def prepare(config: Any, workdir: str) -> Plan:
   eval_source = None
   if train_cfg.eval_every_steps > 0:
     eval_source = input_pipeline.make_source(config.data, config.data.eval_split)
-  workdir_path = pathlib.Path(workdir)
+  workdir_path = paths.path(workdir)
   checkpoints = state_checkpoint.checkpoint_dir(workdir_path)
-  if model_checkpoint.latest_step(checkpoints) is not None:
-    model_checkpoint.check_model_config(model_checkpoint.stored_model_config(checkpoints), config.model, checkpoints)
+  stored = model_checkpoint.newest_readable_config(checkpoints)
+  if stored is not None:
+    model_checkpoint.check_model_config(stored, config.model, checkpoints)
   if train_cfg.init_from:
     stored = model_checkpoint.stored_model_config(model_checkpoint.resolve_directory(train_cfg.init_from))
     given = dict(model_checkpoint.model_dict(config.model), num_classes=stored.get("num_classes"))
@@ -153,19 +158,53 @@ def _with_shardings(abstract: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
-class _Preemption:
-  """Turns SIGTERM into a flag checked after every step (the default handler would kill the run mid-save)."""
+def _preemption_service_running() -> bool:
+  """Whether `jax.distributed` started JAX's preemption sync manager (it does unless the service is disabled)."""
+  from jax._src import distributed
 
-  def __init__(self) -> None:
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
+  return distributed.global_state.client is not None and distributed.global_state.preemption_sync_manager is not None
+
+
+class _Preemption:
+  """SIGTERM: `reached(step)` is True on one step, the same on every host; that step is saved and the run ends.
+
+  One process: a Python handler turns SIGTERM into a flag checked after every step (the default action would kill
+  the run mid-save). Several: the local signal must not decide (a host that got it would save and stop while the
+  others train on), so `reached` asks JAX's preemption sync manager (orbax's `reached_preemption`), called after
+  every step on every host: when any host is signalled, the hosts agree on a step just ahead of all of them. JAX
+  catches SIGTERM in C++ for that; a Python handler would replace its handler and hide the signal, so none is
+  installed. With the preemption service disabled (`jax_enable_preemption_service`), SIGTERM keeps its default
+  action and the run resumes from the newest checkpoint.
+  """
+
+  def __init__(self, checkpointer: state_checkpoint.TrainCheckpointer) -> None:
+    self._checkpointer = checkpointer
+    self._flag = False
+    self._previous = None
+    self._agreed = jax.process_count() > 1
+    if not self._agreed:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    elif not _preemption_service_running():
+      logging.warning("JAX's preemption service is off: SIGTERM ends this host at once (no checkpoint)")
 
   def _handle(self, signum: int, frame: Any) -> None:
     del signum, frame
-    self.requested = True
+    self._flag = True
+
+  def reached(self, step: int) -> bool:
+    """Whether to checkpoint `step` and stop (call after every step, on every host)."""
+    if self._agreed:
+      return self._checkpointer.reached_preemption(step)
+    return self._flag
 
   def restore(self) -> None:
-    signal.signal(signal.SIGTERM, self._previous)
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _print_on_process_0(line: str) -> None:
+  if jax.process_index() == 0:
+    print(line, flush=True)
 
 
 def init_from_weights(config: Any, fresh_params: Any) -> Any:
@@ -216,7 +255,7 @@ def evaluate(plan: Plan, params: Any, model: fractal.FractalModel, step: int, wr
   if num_samples > 0:
     samples = sample_images(plan, params, num_samples)
     if jax.process_index() == 0:
-      grid_path = plan.workdir / f"samples_{step:07d}.png"
+      grid_path = plan.workdir / f"samples_{step:07d}.png"  # local or gs://
       image_files.save_grid(samples, grid_path)
       writer.write_images(step, {"samples": image_files.grid(samples)[None]})
       logging.info("sample grid: %s", grid_path)
@@ -323,10 +362,10 @@ def create_state(
   def init_fn(key: jax.Array) -> train_step.TrainState:
     return train_step.init_state(fractal.init_params(model, key), tx, ema=ema)
 
-  resumed_from = checkpointer.latest_step()
-  if resumed_from is not None:
-    state = checkpointer.restore(_with_shardings(jax.eval_shape(init_fn, init_key), shardings), iterator)
-    print(f"resumed from {checkpointer.directory}/{resumed_from}")
+  abstract = _with_shardings(jax.eval_shape(init_fn, init_key), shardings)
+  state = checkpointer.restore_newest_readable(abstract, iterator, log=_print_on_process_0)
+  if state is not None:
+    print(f"resumed from {checkpointer.directory}/{int(state.step)}")
     return state
   with jax.set_mesh(plan.mesh):
     state = jax.jit(init_fn, out_shardings=shardings)(init_key)
@@ -482,7 +521,7 @@ def train(config: Any, workdir: str, stop_at_step: int = 0) -> dict[str, float]:
   tx = optimizer.make_optimizer(schedule, train_cfg.weight_decay, train_cfg.grad_clip)
   shardings = state_shardings(model, tx, plan.mesh, config.sharding_rules, ema=train_cfg.ema_decay > 0)
 
-  plan.workdir.mkdir(parents=True, exist_ok=True)
+  paths.make_dir(plan.workdir)
   checkpointer = state_checkpoint.TrainCheckpointer(
     plan.workdir, keep=train_cfg.keep_checkpoints, keep_every=train_cfg.keep_every_steps
   )
@@ -501,11 +540,11 @@ def train(config: Any, workdir: str, stop_at_step: int = 0) -> dict[str, float]:
     f"workdir {plan.workdir}"
   )
 
-  writer = metric_writers.make_writer(plan.workdir)
+  writer = metric_writers.make_writer(plan.workdir, tensorboard=bool(train_cfg.tensorboard))
   if first_step == 0:
     writer.write_hparams(metric_writers.flat_hparams(config))
   logger = MetricsLogger(plan, writer, schedule, (first_step, end_step), started, checkpointer.latest_step)
-  preemption = _Preemption()
+  preemption = _Preemption(checkpointer)
   results: dict[str, float] = {}
   try:
     for step in range(first_step + 1, end_step + 1):
@@ -514,7 +553,7 @@ def train(config: Any, workdir: str, stop_at_step: int = 0) -> dict[str, float]:
         state, metrics = step_fn(state, images, labels)
       logger.add(step, metrics)
       last = step == end_step
-      preempted = preemption.requested or checkpointer.reached_preemption(step)
+      preempted = preemption.reached(step)
       should_save = last or preempted or step % train_cfg.checkpoint_every_steps == 0
       if step % logger.every_steps == 0 or should_save:
         logger.flush(step)  # before saving: a non-finite step stops the run with no checkpoint after it
@@ -523,6 +562,7 @@ def train(config: Any, workdir: str, stop_at_step: int = 0) -> dict[str, float]:
         results = evaluate(plan, params, model, step, writer)
         print(f"step {step}: " + ", ".join(f"{k.split('/')[-1]} {v:.4g}" for k, v in results.items()))
       if should_save:
+        writer.flush()  # metrics.jsonl holds every step a checkpoint holds (on gs:// it is written in bulk)
         checkpointer.save(state, iterator.get_state(), config.model, wait=preempted)
       if preempted:
         print(f"SIGTERM: checkpointed step {step} in {checkpointer.directory}; rerun the same command to resume")
