@@ -28,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fractal_jax.model import layers
 from fractal_jax.model.blocks import KVCache
 
 # With CPU kernels, scanned stacks up to this depth run as a Python loop over their (still stacked) parameters.
@@ -108,8 +109,9 @@ class BlockStack(nn.Module):
 def _scan_step(
   block: nn.Module, x: jax.Array, cache: KVCache | None, rotary: jax.Array | None, position: jax.Array | None
 ) -> tuple[jax.Array, KVCache | None]:
-  """One scanned layer: `nn.scan` passes positional arguments, blocks take keywords."""
-  return block(x, rotary=rotary, position=position, cache=cache)
+  """One scanned layer: `nn.scan` passes positional arguments, blocks take keywords; x stays along "batch"."""
+  x, cache = block(layers.along_batch(x), rotary=rotary, position=position, cache=cache)
+  return layers.along_batch(x), cache
 
 
 def _slice_layers(collections: Mapping[str, Any], depth: int) -> dict[str, Any]:
@@ -155,9 +157,11 @@ def _apply_in_turn(
   for i in range(depth):
     layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
     last = i == depth - 1
-    x, update = make_block(i)(x, rotary=rotary, position=position, cache=layer_cache, queries=queries if last else None)
+    x, update = make_block(i)(
+      layers.along_batch(x), rotary=rotary, position=position, cache=layer_cache, queries=queries if last else None
+    )
     updates.append(update)
-  return x, None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *updates)
+  return layers.along_batch(x), None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *updates)
 
 
 def unstack_block_params(params: Mapping[str, Any]) -> dict[str, Any]:

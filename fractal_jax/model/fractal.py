@@ -42,7 +42,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fractal_jax.model import masking, patches, pixel_head
+from fractal_jax.model import layers, masking, patches, pixel_head
 from fractal_jax.model.ar_level import ARLevel
 from fractal_jax.model.mar_level import MARLevel
 from fractal_jax.model.model_config import LevelSpec, ModelSettings
@@ -278,23 +278,11 @@ class FractalModel(nn.Module):
 
 
 def _batch_sharded(items: Items) -> Items:
-  """Items laid out along the logical "batch" axis (every array's leading, item axis).
-
-  A level's items come from reshapes, sorts and gathers of the level above:
-  without this the SPMD partitioner may keep them whole on every device (it
-  did for the lower levels of a sharded training step, 8x their memory on 8
-  chips). The caller's logical axis rules (`nn.logical_axis_rules`, set by
-  the training step) map "batch" to the mesh's batch axes; without rules
-  this changes nothing.
-  """
-
-  def constrain(x: Any) -> Any:
-    if not isinstance(x, jax.Array) or x.ndim == 0:
-      return x
-    return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
-
+  """Items laid out along the logical "batch" axis (`layers.along_batch`): they come from reshapes, sorts and
+  gathers of the level above, which the partitioner may otherwise keep whole on every device."""
+  laid = lambda x: layers.along_batch(x) if isinstance(x, jax.Array) else x  # noqa: E731
   return Items(
-    *(jax.tree.map(constrain, field) for field in (items.images, items.conds, items.weights, items.ids)), items.layout
+    *(jax.tree.map(laid, field) for field in (items.images, items.conds, items.weights, items.ids)), items.layout
   )
 
 

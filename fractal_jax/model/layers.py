@@ -29,6 +29,21 @@ Dtype = Any
 xavier = nn.initializers.xavier_uniform()
 
 
+def along_batch(x: jax.Array) -> jax.Array:
+  """`x` [N, ...] laid out along the logical "batch" axis: its leading (item) axis.
+
+  Under the training step's logical axis rules ("batch" -> the mesh's batch
+  axes) this pins activations to the batch sharding. Without it the SPMD
+  partitioner may meet parameters sharded over the same devices (FSDP) by
+  gathering the activations instead of the weights: it did for the items
+  of every level below the first, which a sharded step then held whole on
+  every chip. Without rules (sampling, tests) it changes nothing.
+  """
+  if x.ndim == 0:
+    return x
+  return nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1))
+
+
 class Dense(nn.Dense):
   """`nn.Dense` applied to its input flattened to 2-D ([..., D] -> [M, D] -> [..., F]).
 
