@@ -89,3 +89,38 @@ def test_a_batch_too_large_for_the_chip_is_refused(tmp_path):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: the train step"), result.stderr
   assert "config.train.grad_accum_steps" in lines[0] and "remat_policy=full" in lines[0]
+
+
+TEMPORARIES = """
+import json, sys
+from fractal_jax.config import load_config_file
+from fractal_jax.model import model_config
+from fractal_jax.parallel import accelerators, mesh
+from fractal_jax.train import aot
+out = {}
+for rules in ("with", "without"):
+  for name in ("v5litepod-4", "v5litepod-16"):
+    config = load_config_file(sys.argv[1])
+    config.mesh_shape = (1, -1, 1)  # FSDP: the parameters sharded over the devices the batch is split over
+    if rules == "without":
+      config.sharding_rules = tuple(rule for rule in config.sharding_rules if rule[0] != "batch")
+    devices = accelerators.tpu_devices(accelerators.parse_slice(name))
+    settings = model_config.settings(config.model, platform="tpu")
+    step, _ = aot._compile_train_step(config, settings, mesh.make_mesh(config.mesh_shape, devices), 8 * len(devices), 1)
+    out[f"{rules} {name}"] = step.memory_analysis().temp_size_in_bytes
+print(json.dumps(out))
+"""
+
+
+def test_activations_stay_sharded_as_the_slice_grows(tmp_path):
+  # 8 images per chip on 4 and on 16 chips: the same work per chip, so about the same temporaries, as long as
+  # every level's activations stay split along "batch" (config.sharding_rules). Without that rule the
+  # partitioner gathers the lower levels' activations onto every chip, and they grow with the slice.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1")
+  result = subprocess.run(
+    [sys.executable, "-c", TEMPORARIES, TINY], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+  )
+  assert result.returncode == 0, result.stderr[-3000:]
+  temps = json.loads(result.stdout.strip().splitlines()[-1])
+  assert temps["with v5litepod-16"] <= 1.5 * temps["with v5litepod-4"], temps
+  assert temps["without v5litepod-16"] > 3 * temps["without v5litepod-4"], temps
