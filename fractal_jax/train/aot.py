@@ -11,9 +11,12 @@ Figures per chip (one device), per program:
   * work: FLOPs and HBM bytes per call. XLA's cost analysis counts a loop's
     body once, or as often as it unrolled it, whatever the trip count
     (every block stack of a level is a scan with standard kernels, and
-    gradient accumulation is another), so the training step's figures come
-    from a second compilation of the same step with its stacks unrolled, at
-    one micro-batch, times the accumulation steps (`train_step_report`).
+    gradient accumulation is another; on a mesh the partitioner also turns
+    matrix products with sharded operands into loops of partial products),
+    so the training step's figures come from a second compilation of the
+    same step on one chip, with its stacks unrolled, at that chip's share of
+    one micro-batch, times the accumulation steps (`train_step_report`);
+    the collectives' traffic is not in them.
     The sampler's loops run a number of times known only from the plan, so
     its FLOPs are counted per level from each level's forward pass and the
     number of passes sampling makes; its HBM traffic is not estimated;
@@ -165,10 +168,12 @@ def train_step_report(config: Any, model_settings: ModelSettings, mesh: Mesh) ->
   """Compiles the training step of `config` for `mesh` (its devices need not be attached) and measures it.
 
   Memory comes from the program a run compiles. Its cost analysis counts a
-  scan's body once, so FLOPs and bytes come from a second compilation with
-  every stack unrolled (`scan_blocks=False`: the same computation) at one
-  micro-batch, times the accumulation steps; it is skipped when the step has
-  no scanned stack and no accumulation.
+  loop's body once (scanned stacks, accumulation, and the partitioner's loops
+  over the shards of a sharded matrix product), so FLOPs and bytes come from
+  a second compilation on one chip with every stack unrolled
+  (`scan_blocks=False`: the same computation) at the chip's share of one
+  micro-batch, times the accumulation steps; it is skipped when the step
+  runs on one device without scanned stacks or accumulation.
 
   Raises:
     jax.errors.JaxRuntimeError: the compiler refused the program (e.g. RESOURCE_EXHAUSTED: more HBM than a chip has).
@@ -177,13 +182,14 @@ def train_step_report(config: Any, model_settings: ModelSettings, mesh: Mesh) ->
   start = time.perf_counter()
   compiled, state = _compile_train_step(config, model_settings, mesh, batch, accum)
   seconds = time.perf_counter() - start
-  if _has_loops(model_settings) or accum > 1:
+  micro_per_device = batch // accum // mesh_lib.batch_size_per_step(mesh)
+  if _has_loops(model_settings) or accum > 1 or mesh.size > 1:
     unrolled = dataclasses.replace(model_settings, scan_blocks=False)
-    costs_program, _ = _compile_train_step(config, unrolled, mesh, batch // accum, 1)
+    one_chip = mesh_lib.make_mesh((1, 1, 1), list(mesh.devices.flat)[:1])
+    costs_program, _ = _compile_train_step(config, unrolled, one_chip, micro_per_device, 1)
     flops, hbm_bytes = _cost(costs_program)
   else:
     flops, hbm_bytes = _cost(compiled)
-  micro_per_device = batch // accum // mesh_lib.batch_size_per_step(mesh)
   return ProgramReport(
     name="train step",
     compile_seconds=seconds,
