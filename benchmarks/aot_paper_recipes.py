@@ -2,7 +2,7 @@
 
 For each paper config: the paper's global batch (2048 at 64x64, 1024 at 256x256) on a v5p-64 slice (32
 chips, as the official recipe's 32 GPUs), bfloat16 compute and `remat_policy=full`; the smallest gradient
-accumulation that fits the chip's HBM, from 1 up. Prints one table row per config (per-chip memory, estimated
+accumulation that fits the chip's HBM, from `--accum` (1) up. Prints one table row per config (per-chip memory, estimated
 step time, images/s and MFU, all from `--mode=aot`'s figures: estimates from published chip specifications)
 and writes every report to `--output` (JSON).
 
@@ -54,7 +54,7 @@ def recipe(name: str, topology: str, accum: int, remat: str, dtype: str) -> dict
   row.update(images_per_chip=row["global_batch"] / len(devices), accum=accum, remat=remat, dtype=dtype)
   start = time.perf_counter()
   try:
-    report = aot.train_step_report(config, settings, mesh)
+    report = aot.train_step_report(config, settings, mesh, chip.hbm_bytes)
   except jax.errors.JaxRuntimeError as error:
     row.update(fits=False, error=str(error).splitlines()[0][:300], seconds_to_compile=time.perf_counter() - start)
     return row
@@ -69,6 +69,7 @@ def main() -> None:
   parser.add_argument("--topology", default="v5p-64")
   parser.add_argument("--remat", default="full")
   parser.add_argument("--dtype", default="bfloat16")
+  parser.add_argument("--accum", type=int, default=1, help="the first accumulation to try")
   parser.add_argument("--max_accum", type=int, default=8)
   parser.add_argument("--output", default="aot_paper_recipes.json")
   args = parser.parse_args()
@@ -76,7 +77,7 @@ def main() -> None:
   print("| config | slice | images/chip | accum | remat | memory/chip | est. step | est. images/s | est. MFU |")
   print("|---|---|---|---|---|---|---|---|---|")
   for name in args.configs.split(","):
-    accum = 1
+    accum = args.accum
     while True:
       row = recipe(name, args.topology, accum, args.remat, args.dtype)
       rows.append(row)

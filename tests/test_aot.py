@@ -76,6 +76,7 @@ def test_tiny_config_compiles_for_a_tpu_slice(tmp_path):
     report = figures[program]
     assert 0 < report["total_bytes"] < chip.hbm_bytes
     assert report["flops"] > 0 and report["model_flops"] > 0 and report["seconds"] > 0
+    assert report["code_bytes"] > 0  # the compiled program's code, reported beside its memory
   train = figures["train_step"]
   # The step holds its parameters and AdamW moments (data parallel: each chip all of them; 46,112 float32).
   assert train["parameter_bytes"] == 46_112 * 4 and train["optimizer_bytes"] >= 2 * train["parameter_bytes"]

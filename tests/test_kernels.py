@@ -1,5 +1,8 @@
 """Every CPU-tuned operation equals the standard one it replaces, in value and gradient (on CPU).
 
+Short-sequence attention has a second written-out form, with the item axis last, which TPUs and GPUs run
+(`attention._short_attention`): it is checked against `jax.nn.dot_product_attention` the same way.
+
 `config.model.kernels` ("auto": CPU-tuned forms on CPU, standard Flax/JAX operations on TPU and GPU) selects
 between each pair below; the model-level test checks that the whole loss and its gradients agree. Tolerances:
 float32 results agree to 1e-5 relative (different summation orders), dropout masks bit for bit, and pixel draws
@@ -82,17 +85,26 @@ def _qkv(length, keys_length=None, seed=5):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_short_sequence_attention_equals_dot_product_attention(causal):
-  q, k, v = _qkv(3)
-  cpu = _value_and_grads(lambda *a: attention.dot_product_attention(*a, causal=causal, cpu_kernels=True), q, k, v)
-  standard = _value_and_grads(lambda *a: jax.nn.dot_product_attention(*a, is_causal=causal), q, k, v)
-  _assert_close(cpu, standard)
+@pytest.mark.parametrize("cpu", [True, False])  # the CPU form, and the items-last form TPUs and GPUs run
+def test_short_sequence_attention_equals_dot_product_attention(causal, cpu):
+  for length in (1, 3, attention.SHORT_SEQUENCE):
+    q, k, v = _qkv(length)
+    short = _value_and_grads(lambda *a: attention.dot_product_attention(*a, causal=causal, cpu_kernels=cpu), q, k, v)
+    _assert_close(short, _value_and_grads(lambda *a: jax.nn.dot_product_attention(*a, is_causal=causal), q, k, v))
+  bf16 = [x.astype(jnp.bfloat16) for x in _qkv(3)]  # the mixed-precision path: float32 softmax, bfloat16 products
+  _assert_close(
+    attention.dot_product_attention(*bf16, causal=causal, cpu_kernels=cpu),
+    jax.nn.dot_product_attention(*bf16, is_causal=causal),
+    rtol=2e-2,
+    atol=2e-2,
+  )
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_dropout_attention_gradient_equals_autodiff(causal):
-  q, k, v = _qkv(9)
-  keep = jax.random.bernoulli(jax.random.key(6), 0.9, (3, 4, 9, 9))
+@pytest.mark.parametrize("length", [9, attention.ITEMS_LAST_KEYS + 3])  # the standard side: items last, or not
+def test_dropout_attention_gradient_equals_autodiff(causal, length):
+  q, k, v = _qkv(length)
+  keep = jax.random.bernoulli(jax.random.key(6), 0.9, (3, 4, length, length))
 
   def attend(cpu):
     return lambda *a: attention.dot_product_attention(

@@ -4,11 +4,21 @@ Dimension letters: B batch, T query length, S key length, N heads, H head width.
 
 Attention goes through `jax.nn.dot_product_attention` (the backend's fused
 attention, logits and softmax in float32 for low-precision inputs, as the
-official code's upcast). The one exception is attention-probability dropout,
-used by the MAR levels when training: `jax.nn.dot_product_attention` has no
-dropout, so that case computes the same softmax explicitly (float32 logits)
-and drops probabilities before the value product, exactly where the official
-code does (`_dropped_softmax_attention`, differentiated by JAX).
+official code's upcast), with two exceptions:
+  * attention-probability dropout, used by the MAR levels when training:
+    `jax.nn.dot_product_attention` has no dropout, so that case computes the
+    same softmax explicitly (float32 logits) and drops probabilities before
+    the value product, exactly where the official code does
+    (`_dropped_softmax_attention`, differentiated by JAX);
+  * very short sequences (the pixel heads' three tokens, `SHORT_SEQUENCE`).
+TPUs store every array's two minor dimensions in tiles of 8 x 128, so the
+[B, N, T, S] logits of short sequences take many times their size (57x for
+T = S = 3: forward and backward of the pixel head's attention over the
+1.25M pixel items one chip trains at 32 FractalMAR-256 images need 47.6 GiB
+of temporaries in the standard form, 3.0 GiB with the items last; see
+docs/performance.md): these cases compute with the item axis B last
+(`_short_attention(items_last=True)`; dropout attention over at most
+`ITEMS_LAST_KEYS` keys), the same functions (`tests/test_kernels.py`).
 
 With CPU kernels (`model_config.ModelSettings.kernels`, the default on CPU)
 two cases take written-out forms that XLA's CPU backend runs faster, the
@@ -30,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 SHORT_SEQUENCE = 4  # query lengths up to this take `_short_attention`
+ITEMS_LAST_KEYS = 64  # dropout attention over this many keys or fewer computes with the item axis last
 
 
 def dot_product_attention(
@@ -58,8 +69,8 @@ def dot_product_attention(
     [B, T, N, H] in value's dtype.
   """
   if dropout_keep is None:
-    if cpu_kernels and max(query.shape[1], key.shape[1]) <= SHORT_SEQUENCE:
-      return _short_attention(query, key, value, causal=causal)
+    if max(query.shape[1], key.shape[1]) <= SHORT_SEQUENCE:
+      return _short_attention(query, key, value, causal=causal, items_last=not cpu_kernels)
     return jax.nn.dot_product_attention(query, key, value, is_causal=causal)
   if cpu_kernels:
     return _dropout_attention(query, key, value, dropout_keep, causal, keep_prob)
@@ -69,9 +80,26 @@ def dot_product_attention(
 def _dropped_softmax_attention(
   query: jax.Array, key: jax.Array, value: jax.Array, keep: jax.Array, causal: bool, keep_prob: float
 ) -> jax.Array:
-  """Softmax attention with dropout on the probabilities, differentiated by JAX: [B, T, N, H] in value's dtype."""
-  _, dropped = _dropout_probs(query, key, keep, causal, keep_prob)
-  return jnp.einsum("bnts,bsnh->btnh", dropped, value)
+  """Softmax attention with dropout on the probabilities, differentiated by JAX: [B, T, N, H] in value's dtype.
+
+  The logits and probabilities are [B, N, T, S], or [N, T, S, B] with the
+  item axis last when S <= ITEMS_LAST_KEYS: TPUs store an array's two minor
+  dimensions in tiles of 8 x 128, so [T, S] minor with S ~ 20 (the lower MAR
+  levels: ~1e5 items per chip) takes ~6x its size; items as the minor
+  dimension are not padded once a chip holds 128 or more.
+  """
+  length, keys_length = query.shape[1], key.shape[1]
+  if keys_length > ITEMS_LAST_KEYS:
+    _, dropped = _dropout_probs(query, key, keep, causal, keep_prob)
+    return jnp.einsum("bnts,bsnh->btnh", dropped, value)
+  scale = query.shape[-1] ** -0.5
+  logits = jnp.einsum("btnh,bsnh->ntsb", query, key, preferred_element_type=jnp.float32) * scale
+  if causal:
+    lower = jnp.tril(jnp.ones((length, keys_length), dtype=bool))[:, :, None]
+    logits = jnp.where(lower, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=2)
+  dropped = _dropped(probs, jnp.moveaxis(keep, 0, -1), keep_prob, key.dtype)
+  return jnp.einsum("ntsb,bsnh->btnh", dropped, value)
 
 
 def _dropout_probs(
@@ -135,26 +163,41 @@ def _dropout_attention_bwd(
 _dropout_attention.defvjp(_dropout_attention_fwd, _dropout_attention_bwd)
 
 
-def _short_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, causal: bool) -> jax.Array:
+def _short_attention(
+  query: jax.Array, key: jax.Array, value: jax.Array, *, causal: bool, items_last: bool = False
+) -> jax.Array:
   """`jax.nn.dot_product_attention` written out per (query, key) pair, for short T; same shapes and dtypes.
 
   Logits and softmax in float32; probabilities cast to the key dtype before the
   value product, as `jax.nn.dot_product_attention`. Causally masked keys are
   left out (their probability there is exactly 0).
+
+  items_last: every intermediate holds the item axis B last ([N, H, B] per
+  position, [N, B] per logit). TPUs store an array's two minor dimensions in
+  tiles of 8 x 128: the standard [B, N, T, S] logits of the pixel heads' 3
+  tokens take about 57x their size, and their [B, T, N, H] operands are
+  padded too, while with B minor nothing small is tiled. Without it each
+  position is [B, N, H] (the CPU form).
   """
   length, keys_length = query.shape[1], key.shape[1]
   if causal and length != keys_length:
     raise ValueError(f"causal attention needs as many keys as queries, got {length} and {keys_length}")
   scale = np.float32(query.shape[-1] ** -0.5)
   f32 = jnp.float32
-  # Split (whose gradient is a concatenation), not indexed (whose gradients would be padded and summed).
-  queries = [q[:, 0].astype(f32) for q in jnp.split(query, length, axis=1)]  # [B, N, H] each
-  keys = [k[:, 0].astype(f32) for k in jnp.split(key, keys_length, axis=1)]
-  values = [v[:, 0].astype(f32) for v in jnp.split(value, keys_length, axis=1)]
+  head_axis = 1 if items_last else -1  # of one position's [N, H, B] or [B, N, H]
+
+  def positions(x: jax.Array) -> list[jax.Array]:
+    if items_last:
+      x = jnp.moveaxis(x, 0, -1).astype(f32)  # [T, N, H, B]
+      return [x[i] for i in range(x.shape[0])]
+    # Split (whose gradient is a concatenation), not indexed (whose gradients would be padded and summed).
+    return [p[:, 0].astype(f32) for p in jnp.split(x, x.shape[1], axis=1)]
+
+  queries, keys, values = positions(query), positions(key), positions(value)
   outputs = []
   for t in range(length):
-    positions = range(t + 1) if causal else range(keys_length)
-    logits = [jnp.sum(queries[t] * keys[s], axis=-1) * scale for s in positions]  # [B, N] each
+    keys_seen = range(t + 1) if causal else range(keys_length)
+    logits = [jnp.sum(queries[t] * keys[s], axis=head_axis) * scale for s in keys_seen]  # [N, B] or [B, N]
     peak = logits[0]
     for logit in logits[1:]:
       peak = jnp.maximum(peak, logit)
@@ -163,9 +206,11 @@ def _short_attention(query: jax.Array, key: jax.Array, value: jax.Array, *, caus
     for weight in weights[1:]:
       total = total + weight
     out = None
-    for s, weight in zip(positions, weights):
+    for s, weight in zip(keys_seen, weights):
       prob = (weight / total).astype(key.dtype).astype(f32)
-      term = prob[..., None] * values[s]
+      term = jnp.expand_dims(prob, head_axis) * values[s]
       out = term if out is None else out + term
     outputs.append(out.astype(value.dtype))
+  if items_last:
+    return jnp.moveaxis(jnp.stack(outputs, axis=0), -1, 0)
   return jnp.stack(outputs, axis=1)

@@ -91,7 +91,7 @@ def run(config: Any, topology: str | None, output: str | None) -> dict[str, Any]
   )
   figures: dict[str, Any] = {"topology": slice_.topology, "chips": len(devices), "chip": chip.name}
   reports = {
-    "train_step": lambda: aot.train_step_report(config, model_settings, mesh),
+    "train_step": lambda: aot.train_step_report(config, model_settings, mesh, chip.hbm_bytes),
     "sampler": lambda: aot.sampler_report(config, model_settings, mesh),
   }
   for name, make in reports.items():

@@ -59,6 +59,7 @@ class ProgramReport:
   output_bytes: int
   donated_bytes: int  # outputs written in place of donated inputs
   temp_bytes: int  # the compiler's temporaries (activations, gathered parameters, ...)
+  code_bytes: int  # the compiled program's code (not in `total_bytes`)
   flops: float  # executed FLOPs per call (scans corrected); NaN when not counted
   model_flops: float  # 3x forward (train) or the forward passes sampling needs; NaN when not counted
   hbm_bytes: float  # HBM traffic per call (scans corrected); NaN when not estimated
@@ -99,6 +100,7 @@ def _memory(compiled: jax.stages.Compiled) -> dict[str, int]:
     output_bytes=int(stats.output_size_in_bytes),
     donated_bytes=int(stats.alias_size_in_bytes),
     temp_bytes=int(stats.temp_size_in_bytes),
+    code_bytes=int(stats.generated_code_size_in_bytes),
   )
 
 
@@ -164,7 +166,9 @@ def _has_loops(model_settings: ModelSettings) -> bool:
   return model_settings.scan_blocks and any(depth > max(loop_depth, 1) for depth in depths)
 
 
-def train_step_report(config: Any, model_settings: ModelSettings, mesh: Mesh) -> ProgramReport:
+def train_step_report(
+  config: Any, model_settings: ModelSettings, mesh: Mesh, chip_memory: float = math.inf
+) -> ProgramReport:
   """Compiles the training step of `config` for `mesh` (its devices need not be attached) and measures it.
 
   Memory comes from the program a run compiles. Its cost analysis counts a
@@ -173,7 +177,9 @@ def train_step_report(config: Any, model_settings: ModelSettings, mesh: Mesh) ->
   a second compilation on one chip with every stack unrolled
   (`scan_blocks=False`: the same computation) at the chip's share of one
   micro-batch, times the accumulation steps; it is skipped when the step
-  runs on one device without scanned stacks or accumulation.
+  runs on one device without scanned stacks or accumulation, and when the
+  step needs more than `chip_memory` bytes per chip (its work is then NaN: a program
+  that does not fit is not worth minutes of a second compile).
 
   Raises:
     jax.errors.JaxRuntimeError: the compiler refused the program (e.g. RESOURCE_EXHAUSTED: more HBM than a chip has).
@@ -183,22 +189,26 @@ def train_step_report(config: Any, model_settings: ModelSettings, mesh: Mesh) ->
   compiled, state = _compile_train_step(config, model_settings, mesh, batch, accum)
   seconds = time.perf_counter() - start
   micro_per_device = batch // accum // mesh_lib.batch_size_per_step(mesh)
-  if _has_loops(model_settings) or accum > 1 or mesh.size > 1:
+  memory = _memory(compiled)
+  needed = memory["argument_bytes"] + memory["output_bytes"] - memory["donated_bytes"] + memory["temp_bytes"]
+  if needed > chip_memory:
+    flops = hbm_traffic = float("nan")
+  elif _has_loops(model_settings) or accum > 1 or mesh.size > 1:
     unrolled = dataclasses.replace(model_settings, scan_blocks=False)
     one_chip = mesh_lib.make_mesh((1, 1, 1), list(mesh.devices.flat)[:1])
     costs_program, _ = _compile_train_step(config, unrolled, one_chip, micro_per_device, 1)
-    flops, hbm_bytes = _cost(costs_program)
+    flops, hbm_traffic = _cost(costs_program)
   else:
-    flops, hbm_bytes = _cost(compiled)
+    flops, hbm_traffic = _cost(compiled)
   return ProgramReport(
     name="train step",
     compile_seconds=seconds,
     parameter_bytes=_bytes_per_device(state.params) + _bytes_per_device(state.ema_params),
     optimizer_bytes=_bytes_per_device(state.opt_state),
-    **_memory(compiled),
+    **memory,
     flops=accum * flops,
     model_flops=accum * _model_flops(model_settings, micro_per_device),
-    hbm_bytes=accum * hbm_bytes,
+    hbm_bytes=accum * hbm_traffic,
     images=batch,
   )
 
@@ -271,8 +281,11 @@ def format_report(report: ProgramReport, chip: ChipSpec) -> str:
     f"{report.name} (compiled in {report.compile_seconds:.0f} s), per chip:",
     f"  memory: parameters {_size(report.parameter_bytes)}, optimizer {_size(report.optimizer_bytes)}, "
     f"all arguments {_size(report.argument_bytes)}, temporaries {_size(report.temp_bytes)}; "
-    f"total {_size(report.total_bytes)} of {_size(chip.hbm_bytes)} ({100 * report.total_bytes / chip.hbm_bytes:.1f}%)",
+    f"program code {_size(report.code_bytes)}; total {_size(report.total_bytes)} of {_size(chip.hbm_bytes)} ({100 * report.total_bytes / chip.hbm_bytes:.1f}%)",
   ]
+  if math.isnan(report.flops):
+    lines.append("  work per call: not counted (the program does not fit the chip)")
+    return "\n".join(lines)
   traffic = (
     "HBM traffic not estimated" if math.isnan(report.hbm_bytes) else f"{report.hbm_bytes / 1e9:.4g} GB of HBM traffic"
   )
