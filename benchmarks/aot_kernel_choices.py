@@ -20,11 +20,14 @@ always receives `cpu_kernels=True` (or `loop_depth=LOOP_MAX_DEPTH`): a
 what-if for this script only, the library has no per-piece setting.
 
     python benchmarks/aot_kernel_choices.py [--config=configs/fractalmar_64.py] [--topology=v5p-8]
-        [--images_per_chip=4] [--widths=64,32,16] [--heads=2,2,2] [--pieces=dense,loops] [--output=kernels.json]
+        [--images_per_chip=8] [--widths=64,32,16] [--heads=2,2,2] [--depths=8,4,2] [--pieces=dense,loops]
+        [--output=kernels.json]
 
-By default FractalMAR-64 at its paper depths (32, 8, 3) but narrowed widths,
-so that each of the 8 programs and its cost twin compile in a few minutes on
-2 cores; `--widths=` (empty) keeps the paper widths. Needs libtpu
+By default FractalMAR-64's three levels (MAR, MAR, pixel head; dropout
+attention, guiding conditions) narrowed to widths 64/32/16 and depths
+8/4/2 (every stack short enough for the CPU's loops), so that the 8
+programs and their cost twins compile in minutes on 2 cores; `--widths=`
+and `--depths=` (empty) keep the paper's. Needs libtpu
 (`pip install -e ".[tpu]"`). Not part of the test suite.
 """
 
@@ -101,6 +104,8 @@ def measure(args: argparse.Namespace, kernels: str, piece: str | None) -> dict:
   if args.widths:
     config.model.widths = tuple(int(w) for w in args.widths.split(","))
     config.model.heads = tuple(int(h) for h in args.heads.split(","))
+  if args.depths:
+    config.model.depths = tuple(int(d) for d in args.depths.split(","))
   config.model.kernels, config.model.remat_policy, config.model.dtype = kernels, args.remat, args.dtype
   config.mesh_shape = (1, -1, 1)
   devices = accelerators.tpu_devices(accelerators.parse_slice(args.topology))
@@ -119,9 +124,10 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--config", default=str(ROOT / "configs" / "fractalmar_64.py"))
   parser.add_argument("--topology", default="v5p-8")
-  parser.add_argument("--images_per_chip", type=int, default=4)
+  parser.add_argument("--images_per_chip", type=int, default=8)
   parser.add_argument("--widths", default="64,32,16")
   parser.add_argument("--heads", default="2,2,2")
+  parser.add_argument("--depths", default="8,4,2")
   parser.add_argument("--remat", default="full")
   parser.add_argument("--dtype", default="bfloat16")
   parser.add_argument("--pieces", default=",".join(PIECES))
@@ -136,7 +142,7 @@ def main() -> None:
     rows.append(row)
     pathlib.Path(args.output).write_text(json.dumps(rows, indent=2) + "\n")
     print(
-      f"| {row['variant']} | {row['temp_bytes'] / 2**20:,.0f} MiB | {row['code_bytes'] / 2**20:,.0f} MiB | "
+      f"| {row['variant']} | {row['temp_bytes'] / 2**20:,.1f} MiB | {row['code_bytes'] / 2**20:,.1f} MiB | "
       f"{row['flops'] / 1e9:.4g} | {row['hbm_bytes'] / 1e9:.4g} | {row['compile_seconds']:.0f} s |",
       flush=True,
     )

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT
 
@@ -125,3 +126,29 @@ def test_activations_stay_sharded_as_the_slice_grows(tmp_path):
   temps = json.loads(result.stdout.strip().splitlines()[-1])
   assert temps["with v5litepod-16"] <= 1.5 * temps["with v5litepod-4"], temps
   assert temps["without v5litepod-16"] > 3 * temps["without v5litepod-4"], temps
+
+
+def test_step_cost_from_shallow_stacks_equals_the_unrolled_count():
+  # `step_cost` extrapolates FLOPs and bytes from copies of the step with every stack one or two blocks deep;
+  # compiled whole and unrolled (what it replaces, too big to compile for FractalMAR-256) the count must agree.
+  import dataclasses
+
+  import jax
+
+  from fractal_jax.config import load_config_file
+  from fractal_jax.model import model_config
+  from fractal_jax.parallel import mesh
+  from fractal_jax.train import aot
+
+  config = load_config_file(TINY)
+  config.model.depths, config.model.kernels, config.model.remat_policy = (3, 1, 2), "standard", "full"
+  settings = model_config.settings(config.model)
+  assert aot._stack_depths(settings) == (3, 1, 0, 0, 2)  # the levels', their guiding-pixel heads', the pixel head's
+  paper = model_config.settings(load_config_file(str(ROOT / "configs" / "fractalmar_base_256.py")).model)
+  assert aot._stack_depths(paper) == (24, 6, 3, 0, 3, 3, 1)  # levels 1 and 2 have a guiding-pixel head
+  cut = aot._with_stack_depths(paper, (1, 2, 1, 0, 2, 1, 1))
+  assert aot._stack_depths(cut) == (1, 2, 1, 0, 2, 1, 1) and not cut.scan_blocks
+  device = jax.devices()[0]
+  unrolled = dataclasses.replace(settings, scan_blocks=False)
+  whole, _ = aot._compile_train_step(config, unrolled, mesh.make_mesh((1, 1, 1), [device]), 4, 1)
+  np.testing.assert_allclose(aot.step_cost(config, settings, device, 4), aot._cost(whole), rtol=1e-3)

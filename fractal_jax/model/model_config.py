@@ -290,7 +290,9 @@ def resolve_kernels(name: str, platform: str | None = None) -> str:
   applied as loops): each was measured faster with XLA's CPU backend and
   computes the same function as the standard operation it replaces
   (`tests/test_kernels.py`). "auto" takes them on CPU only; TPU and GPU run
-  the standard Flax/JAX operations, which their compilers fuse themselves.
+  the standard Flax/JAX operations, which their compilers fuse themselves
+  (attention over short sequences there keeps the item axis last, against
+  TPU tile padding: `attention` module docstring).
   """
   if name not in KERNELS:
     raise ConfigError(f"config.model.kernels={name!r}; use one of {KERNELS}.")

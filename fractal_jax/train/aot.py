@@ -13,9 +13,10 @@ Figures per chip (one device), per program:
     (every block stack of a level is a scan with standard kernels, and
     gradient accumulation is another; on a mesh the partitioner also turns
     matrix products with sharded operands into loops of partial products),
-    so the training step's figures come from a second compilation of the
-    same step on one chip, with its stacks unrolled, at that chip's share of
-    one micro-batch, times the accumulation steps (`train_step_report`);
+    so the training step's figures come from compilations of the same step
+    on one chip with its stacks unrolled and cut to one or two blocks, at
+    that chip's share of one micro-batch, extrapolated to the stacks' depths
+    (`step_cost`), times the accumulation steps;
     the collectives' traffic is not in them.
     The sampler's loops run a number of times known only from the plan, so
     its FLOPs are counted per level from each level's forward pass and the
@@ -104,9 +105,9 @@ def _memory(compiled: jax.stages.Compiled) -> dict[str, int]:
   )
 
 
-def _cost(compiled: jax.stages.Compiled) -> tuple[float, float]:
-  """(FLOPs, bytes accessed) of a compiled program, per device."""
-  cost = compiled.cost_analysis()
+def _cost(program: jax.stages.Compiled | jax.stages.Lowered) -> tuple[float, float]:
+  """(FLOPs, bytes accessed) of a compiled (or lowered) program, per device."""
+  cost = program.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
   return float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
@@ -136,6 +137,12 @@ def _model_flops(model_settings: ModelSettings, items_per_device: int) -> float:
 
 def _compile_train_step(config: Any, model_settings: ModelSettings, mesh: Mesh, batch: int, accum: int) -> Any:
   """(compiled step, abstract state with shardings) for `batch` images in `accum` micro-batches on `mesh`."""
+  lowered, state = _lower_train_step(config, model_settings, mesh, batch, accum)
+  return lowered.compile(), state
+
+
+def _lower_train_step(config: Any, model_settings: ModelSettings, mesh: Mesh, batch: int, accum: int) -> Any:
+  """(lowered step, abstract state with shardings) for `batch` images in `accum` micro-batches on `mesh`."""
   train_cfg = config.train.copy_and_resolve_references()
   train_cfg.global_batch, train_cfg.grad_accum_steps = batch, accum
   model = fractal.build(model_settings)
@@ -155,7 +162,7 @@ def _compile_train_step(config: Any, model_settings: ModelSettings, mesh: Mesh, 
     model, tx, shardings, batch_sharding, jax.random.key(0), train_cfg, axis_rules=config.sharding_rules
   )
   with jax.set_mesh(mesh):
-    return step_fn.lower(state, images, labels).compile(), state
+    return step_fn.lower(state, images, labels), state
 
 
 def _has_loops(model_settings: ModelSettings) -> bool:
@@ -166,20 +173,77 @@ def _has_loops(model_settings: ModelSettings) -> bool:
   return model_settings.scan_blocks and any(depth > max(loop_depth, 1) for depth in depths)
 
 
+def _stack_depths(model_settings: ModelSettings) -> tuple[int, ...]:
+  """Every block stack's depth: the levels', their guiding-pixel heads' (0 where none), the pixel head's."""
+  levels = model_settings.levels
+  guides = (0 if spec.guide_head is None else spec.guide_head.depth for spec in levels)
+  return (*(spec.depth for spec in levels), *guides, model_settings.pixel.depth)
+
+
+def _with_stack_depths(model_settings: ModelSettings, depths: Sequence[int]) -> ModelSettings:
+  """`model_settings` with its block stacks (in `_stack_depths` order) `depths` deep, unscanned."""
+  count = len(model_settings.levels)
+  levels = []
+  for i, spec in enumerate(model_settings.levels):
+    guide = None if spec.guide_head is None else dataclasses.replace(spec.guide_head, depth=depths[count + i])
+    levels.append(dataclasses.replace(spec, depth=depths[i], guide_head=guide))
+  pixel = dataclasses.replace(model_settings.pixel, depth=depths[-1])
+  return dataclasses.replace(model_settings, levels=tuple(levels), pixel=pixel, scan_blocks=False)
+
+
+def step_cost(
+  config: Any, model_settings: ModelSettings, device: jax.Device, images: int, traffic: bool = True
+) -> tuple[float, float]:
+  """(FLOPs, HBM bytes) of one training step of `images` images on one `device`, every block counted.
+
+  A step's cost is affine in each stack's depth (the blocks of a stack are
+  alike), so it is measured on shallow copies: one compile with every stack
+  one block deep, and one per deeper stack with that stack two deep; then
+  cost = cost(ones) + sum over stacks of (depth - 1) x (cost(that stack at 2)
+  - cost(ones)). The stacks are unrolled (`scan_blocks=False`), so XLA counts
+  every block; compiling the whole unrolled step instead needed more than 24
+  GiB of compiler memory for FractalMAR-256 (`tests/test_aot.py` checks the
+  two counts agree on a small model).
+
+  traffic=False: FLOPs only, counted in the whole unrolled step as lowered
+  (before XLA optimises it: no compile, seconds instead of one compile per
+  stack, ~10 minutes each for FractalMAR-256 on 2 cores); bytes NaN (before
+  fusion every operation's operands would count as traffic).
+  """
+  if not traffic:  # lowered for a CPU device: libtpu's deviceless client has no cost analysis of lowered programs
+    unrolled = dataclasses.replace(model_settings, scan_blocks=False)
+    host = mesh_lib.make_mesh((1, 1, 1), jax.devices("cpu")[:1])
+    return _cost(_lower_train_step(config, unrolled, host, images, 1)[0])[0], float("nan")
+  one_chip = mesh_lib.make_mesh((1, 1, 1), [device])
+  depths = _stack_depths(model_settings)
+  ones = tuple(min(depth, 1) for depth in depths)
+
+  def cost(stack_depths: Sequence[int]) -> np.ndarray:
+    settings = _with_stack_depths(model_settings, stack_depths)
+    return np.array(_cost(_compile_train_step(config, settings, one_chip, images, 1)[0]))
+
+  base = cost(ones)
+  total = base.copy()
+  for i, depth in enumerate(depths):
+    if depth > 1:
+      total += (depth - 1) * (cost(ones[:i] + (2,) + ones[i + 1 :]) - base)
+  return float(total[0]), float(total[1])
+
+
 def train_step_report(
-  config: Any, model_settings: ModelSettings, mesh: Mesh, chip_memory: float = math.inf
+  config: Any, model_settings: ModelSettings, mesh: Mesh, chip_memory: float = math.inf, traffic: bool = True
 ) -> ProgramReport:
   """Compiles the training step of `config` for `mesh` (its devices need not be attached) and measures it.
 
   Memory comes from the program a run compiles. Its cost analysis counts a
   loop's body once (scanned stacks, accumulation, and the partitioner's loops
   over the shards of a sharded matrix product), so FLOPs and bytes come from
-  a second compilation on one chip with every stack unrolled
-  (`scan_blocks=False`: the same computation) at the chip's share of one
-  micro-batch, times the accumulation steps; it is skipped when the step
-  runs on one device without scanned stacks or accumulation, and when the
-  step needs more than `chip_memory` bytes per chip (its work is then NaN: a program
-  that does not fit is not worth minutes of a second compile).
+  `step_cost`: one chip, every block counted, at the chip's share of one
+  micro-batch, times the accumulation steps. That is skipped when the step
+  runs on one device without scanned stacks or accumulation, and when it
+  needs more than `chip_memory` bytes per chip (its work is then NaN: a
+  program that does not fit is not worth more compiles). `traffic`: as in
+  `step_cost`.
 
   Raises:
     jax.errors.JaxRuntimeError: the compiler refused the program (e.g. RESOURCE_EXHAUSTED: more HBM than a chip has).
@@ -194,10 +258,7 @@ def train_step_report(
   if needed > chip_memory:
     flops = hbm_traffic = float("nan")
   elif _has_loops(model_settings) or accum > 1 or mesh.size > 1:
-    unrolled = dataclasses.replace(model_settings, scan_blocks=False)
-    one_chip = mesh_lib.make_mesh((1, 1, 1), list(mesh.devices.flat)[:1])
-    costs_program, _ = _compile_train_step(config, unrolled, one_chip, micro_per_device, 1)
-    flops, hbm_traffic = _cost(costs_program)
+    flops, hbm_traffic = step_cost(config, model_settings, mesh.devices.flat[0], micro_per_device, traffic)
   else:
     flops, hbm_traffic = _cost(compiled)
   return ProgramReport(
