@@ -125,7 +125,9 @@ def test_activations_stay_sharded_as_the_slice_grows(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   temps = json.loads(result.stdout.strip().splitlines()[-1])
   assert temps["with v5litepod-16"] <= 1.5 * temps["with v5litepod-4"], temps
-  assert temps["without v5litepod-16"] > 3 * temps["without v5litepod-4"], temps
+  # Without it they grow with the slice (11.7 -> 129.4 MiB before short-sequence attention kept its items last,
+  # 13.2 -> 22.1 MiB since: the gathered activations are smaller, not gone).
+  assert temps["without v5litepod-16"] > 1.3 * temps["without v5litepod-4"], temps
 
 
 def test_step_cost_from_shallow_stacks_equals_the_unrolled_count():
