@@ -45,8 +45,7 @@ CASES = (
 def _standard(query, key, value, keep):
   if keep is None:
     return jax.nn.dot_product_attention(query, key, value)
-  _, dropped = attention._dropout_probs(query, key, keep, False, KEEP_PROB)
-  return jnp.einsum("bnts,bsnh->btnh", dropped, value)
+  return attention._dropped_softmax_attention_items_first(query, key, value, keep, False, KEEP_PROB)
 
 
 def _items_last(query, key, value, keep):

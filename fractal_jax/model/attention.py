@@ -90,8 +90,7 @@ def _dropped_softmax_attention(
   """
   length, keys_length = query.shape[1], key.shape[1]
   if keys_length > ITEMS_LAST_KEYS:
-    _, dropped = _dropout_probs(query, key, keep, causal, keep_prob)
-    return jnp.einsum("bnts,bsnh->btnh", dropped, value)
+    return _dropped_softmax_attention_items_first(query, key, value, keep, causal, keep_prob)
   scale = query.shape[-1] ** -0.5
   logits = jnp.einsum("btnh,bsnh->ntsb", query, key, preferred_element_type=jnp.float32) * scale
   if causal:
@@ -100,6 +99,14 @@ def _dropped_softmax_attention(
   probs = jax.nn.softmax(logits, axis=2)
   dropped = _dropped(probs, jnp.moveaxis(keep, 0, -1), keep_prob, key.dtype)
   return jnp.einsum("ntsb,bsnh->btnh", dropped, value)
+
+
+def _dropped_softmax_attention_items_first(
+  query: jax.Array, key: jax.Array, value: jax.Array, keep: jax.Array, causal: bool, keep_prob: float
+) -> jax.Array:
+  """`_dropped_softmax_attention` with [B, N, T, S] logits, whatever the length: [B, T, N, H] in value's dtype."""
+  _, dropped = _dropout_probs(query, key, keep, causal, keep_prob)
+  return jnp.einsum("bnts,bsnh->btnh", dropped, value)
 
 
 def _dropout_probs(

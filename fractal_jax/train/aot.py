@@ -168,9 +168,7 @@ def _lower_train_step(config: Any, model_settings: ModelSettings, mesh: Mesh, ba
 def _has_loops(model_settings: ModelSettings) -> bool:
   """Whether the step's program scans a block stack (deeper than 1) whose trip count the cost analysis ignores."""
   loop_depth = block_stack.LOOP_MAX_DEPTH if model_settings.kernels == "cpu" else 0
-  depths = [spec.depth for spec in model_settings.levels] + [model_settings.pixel.depth]
-  depths += [spec.guide_head.depth for spec in model_settings.levels if spec.guide_head is not None]
-  return model_settings.scan_blocks and any(depth > max(loop_depth, 1) for depth in depths)
+  return model_settings.scan_blocks and any(depth > max(loop_depth, 1) for depth in _stack_depths(model_settings))
 
 
 def _stack_depths(model_settings: ModelSettings) -> tuple[int, ...]:
@@ -253,25 +251,24 @@ def train_step_report(
   compiled, state = _compile_train_step(config, model_settings, mesh, batch, accum)
   seconds = time.perf_counter() - start
   micro_per_device = batch // accum // mesh_lib.batch_size_per_step(mesh)
-  memory = _memory(compiled)
-  needed = memory["argument_bytes"] + memory["output_bytes"] - memory["donated_bytes"] + memory["temp_bytes"]
-  if needed > chip_memory:
-    flops = hbm_traffic = float("nan")
-  elif _has_loops(model_settings) or accum > 1 or mesh.size > 1:
-    flops, hbm_traffic = step_cost(config, model_settings, mesh.devices.flat[0], micro_per_device, traffic)
-  else:
-    flops, hbm_traffic = _cost(compiled)
-  return ProgramReport(
+  report = ProgramReport(
     name="train step",
     compile_seconds=seconds,
     parameter_bytes=_bytes_per_device(state.params) + _bytes_per_device(state.ema_params),
     optimizer_bytes=_bytes_per_device(state.opt_state),
-    **memory,
-    flops=accum * flops,
+    **_memory(compiled),
+    flops=float("nan"),
     model_flops=accum * _model_flops(model_settings, micro_per_device),
-    hbm_bytes=accum * hbm_traffic,
+    hbm_bytes=float("nan"),
     images=batch,
   )
+  if report.total_bytes > chip_memory:
+    return report
+  if _has_loops(model_settings) or accum > 1 or mesh.size > 1:
+    flops, hbm_traffic = step_cost(config, model_settings, mesh.devices.flat[0], micro_per_device, traffic)
+  else:
+    flops, hbm_traffic = _cost(compiled)
+  return dataclasses.replace(report, flops=accum * flops, hbm_bytes=accum * hbm_traffic)
 
 
 # --- the sampler ---------------------------------------------------------------------------------------------------
