@@ -28,22 +28,26 @@ def test_count_pmf_matches_the_training_mask():
   np.testing.assert_allclose(empirical, pmf, atol=0.006)  # ~3 standard errors of the largest bin
 
 
-def test_capacity_covers_the_training_counts():
-  """SMALL MAR at batch 16: C cuts padding, and JAX-drawn masks rarely exceed it."""
+def test_capacity_saves_work_on_the_training_counts():
+  """SMALL MAR at batch 16: on JAX-drawn masks, C + the overflow chunks that run cost < 90% of every item."""
   batch, seq_len = 16, 64
+  total = batch * seq_len
   main = compaction.capacity(batch, ("mar",), (seq_len,))
-  assert 0.75 * batch * seq_len < main < batch * seq_len
+  assert 0.75 * total < main < total
   assert compaction.capacity(batch, ("mar",), (seq_len,)) == main  # fixed seed: the same every time
+  chunk = (total - main) // compaction.OVERFLOW_CHUNKS
   keys = jax.random.split(jax.random.key(1), 400)
-  counts = jax.vmap(lambda k: masking.training_mask(k, batch, seq_len).sum())(keys)
-  assert np.mean(np.asarray(counts) > main) < 0.2
+  counts = np.asarray(jax.vmap(lambda k: masking.training_mask(k, batch, seq_len).sum())(keys))
+  runs = [np.mean(counts > main + k * chunk) for k in range(compaction.OVERFLOW_CHUNKS)]
+  assert runs == sorted(runs, reverse=True) and runs[-1] < 0.05  # the last chunks almost never run
+  assert main + compaction.RECOMPUTE_COST * chunk * sum(runs) < 0.9 * total
   pixels = compaction.capacity(batch, ("mar", "mar"), (seq_len, 16))
   assert pixels < 0.8 * batch * seq_len * 16
 
 
 def test_small_levels_are_not_compacted():
   assert compaction.capacity(8, ("mar",), (16,)) == 8 * 16  # fewer than MIN_ITEMS items
-  assert compaction.capacity(1, ("mar",), (4096,)) == 4096  # all hidden most of the time: little to save
+  assert compaction.capacity(1, ("ar",), (4096,)) == 4096  # every item has weight: nothing to save
 
 
 def test_compact_orders_weighted_items_first_and_rank_inverts_it():
@@ -73,42 +77,79 @@ def test_split_join_round_trip():
   np.testing.assert_array_equal(compaction.join(head, rest, groups=3)["x"], x)
 
 
-def test_skippable_runs_or_skips_with_exact_gradients():
+def test_chunks_take_the_same_rows_of_every_group_and_round_trip():
+  x = jnp.arange(24 * 2).reshape(24, 2)  # 3 groups of 8 rows, 4 chunks of 2 rows per group
+  chunks = compaction.as_chunks({"x": x}, groups=3, chunks=4)["x"]
+  assert chunks.shape == (4, 6, 2)
+  for k in range(4):
+    rows = np.concatenate([np.arange(g * 8 + 2 * k, g * 8 + 2 * k + 2) for g in range(3)])
+    np.testing.assert_array_equal(chunks[k], x[rows])
+  np.testing.assert_array_equal(compaction.from_chunks({"x": chunks}, groups=3)["x"], x)
+  assert [compaction.overflow_chunks(n) for n in (1, 7, 9, 12, 16, 17)] == [1, 7, 3, 6, 8, 1]
+
+
+def test_capacity_leaves_whole_overflow_chunks():
+  batch, lens = 16, (64, 16)
+  main = compaction.capacity(batch, ("mar", "mar"), lens)
+  assert (batch * int(np.prod(lens)) - main) % compaction.OVERFLOW_CHUNKS == 0
+
+
+def test_skippable_runs_the_chunks_that_run_with_exact_gradients():
+  """Each chunk that runs equals `fn` on it with its key, in value and gradient; the others are zeros."""
+
   def fn(params, inputs, key):
-    return {"y": jnp.tanh(inputs["x"] @ params) * inputs["keep"][:, None]}
+    return {"y": jnp.tanh(inputs["x"] @ params) * inputs["keep"][:, None] + jax.random.uniform(key)}
 
-  params = jnp.asarray(np.random.default_rng(2).normal(size=(3, 4)), jnp.float32)
-  inputs = {"x": jnp.ones((5, 3)), "keep": jnp.array([True, False, True, True, False])}
-  key = jax.random.key(0)
+  rng = np.random.default_rng(2)
+  params = jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(3, 5, 3)), jnp.float32)  # 3 chunks of 5 items
+  keep = jnp.asarray(rng.random((3, 5)) > 0.3)
+  keys = jax.random.split(jax.random.key(0), 3)
+  weights = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32)
 
-  def loss(run, p, x):
-    return jnp.sum(compaction.skippable(fn, run, p, {**inputs, "x": x}, key)["y"] ** 2)
+  def loss(runs, p, x):
+    return jnp.sum(weights * compaction.skippable(fn, runs, p, {"x": x, "keep": keep}, keys)["y"] ** 2)
 
-  for run in (True, False):
-    got = jax.grad(loss, argnums=(1, 2))(jnp.asarray(run), params, inputs["x"])
-    want = jax.grad(lambda p, x, r=run: jnp.sum(fn(p, {**inputs, "x": x}, key)["y"] ** 2) * r, argnums=(0, 1))(
-      params, inputs["x"]
-    )
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), got, want)
+  def reference(runs, p, x):
+    ys = [fn(p, {"x": x[k], "keep": keep[k]}, keys[k])["y"] * runs[k] for k in range(3)]
+    return jnp.sum(weights * jnp.stack(ys) ** 2)
+
+  for runs in ([True, False, True], [False, False, False], [True, True, True]):
+    runs = jnp.asarray(runs)
+    out = compaction.skippable(fn, runs, params, {"x": x, "keep": keep}, keys)["y"]
+    for k in range(3):
+      want = fn(params, {"x": x[k], "keep": keep[k]}, keys[k])["y"] if runs[k] else jnp.zeros((5, 4))
+      np.testing.assert_allclose(out[k], want, rtol=1e-5, atol=1e-6)
+    got = jax.jit(jax.grad(loss, argnums=(1, 2)))(runs, params, x)
+    want = jax.grad(reference, argnums=(1, 2))(runs, params, x)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), got, want)
 
 
 @pytest.mark.parametrize(
   "family,main",
-  [("mar_mar", "one"), ("ar_over_mar", "one"), ("mar_over_ar", "all_but_one")],
+  [("mar_mar", "one"), ("mar_mar", "chunked"), ("ar_over_mar", "one"), ("mar_over_ar", "all_but_one")],
 )
 def test_compacted_training_loss_and_grads_equal_official(family, main, monkeypatch):
   """Training compacts the items below MAR levels (`compaction`): exact whatever the main capacity.
 
   The tiny models are below `compaction.MIN_ITEMS`, so the capacity is forced:
-  "one" puts nearly everything in the overflow, which runs; "all_but_one"
-  leaves an overflow of one item per group, skipped unless every item is hidden.
+  "one" puts nearly everything in the overflow, which runs; "chunked" too, in
+  `OVERFLOW_CHUNKS` chunks: the first run, the last are skipped (masks that
+  hide under half the patches);
+  "all_but_one" leaves an overflow of one item per group, skipped unless
+  every item is hidden.
   """
   # Training semantics without dropout (AR blocks fix theirs at 0.1), so that the official-style loss compares.
   monkeypatch.setattr(blocks, "Dropout", lambda *args, **kwargs: lambda x, deterministic=None: x)
   # mar_mar with a guiding pixel at level 1: two compacted MAR levels and the guiding-pixel loss.
   extra = dict(guiding_pixel=True) if family == "mar_mar" else {}
   s = tiny_models.settings(family, label_drop_prob=0.0, attn_dropout=0.0, **extra)
-  capacities = {"one": lambda n, kinds, lens: 1, "all_but_one": lambda n, kinds, lens: n * int(np.prod(lens)) - 1}
+  chunks = compaction.OVERFLOW_CHUNKS
+  capacities = {
+    "one": lambda n, kinds, lens: 1,
+    "chunked": lambda n, kinds, lens: n * int(np.prod(lens)) - (n * int(np.prod(lens)) - 1) // chunks * chunks,
+    "all_but_one": lambda n, kinds, lens: n * int(np.prod(lens)) - 1,
+  }
   monkeypatch.setattr(compaction, "capacity", capacities[main])
   model = fractal.build(s)
   params = tiny_models.init_params(s)

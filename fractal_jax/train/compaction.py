@@ -10,10 +10,10 @@ work at the pixel head of a two-MAR-level model. Instead the loss
 1. sorts each level's items so that those with weight > 0 come first
    (`compact`: a stable sort, raster order is kept among them), then
 2. runs the first C items of the sorted list directly (the *main* part, C a
-   static capacity), and the rest (the *overflow*) inside a `lax.cond` that
-   skips it unless some item there has weight (`skippable`). The overflow
-   stores no activations for the backward pass: when it runs, its forward is
-   computed twice.
+   static capacity), and the rest (the *overflow*) in K equal chunks, one
+   after the other, each inside a `lax.cond` that skips it unless some item
+   there has weight (`skippable`). The overflow stores no activations for the
+   backward pass: a chunk that runs computes its forward twice.
 
 The result equals the padded computation: items of weight 0 contribute
 nothing to the loss nor to the gradient, and no item of weight > 0 is ever
@@ -21,15 +21,22 @@ dropped. C is chosen on the host (`capacity`) to minimise the expected work,
 from simulated draws of the official training masks. Evaluation masks
 (uniform counts) leave little to skip: evaluation sends every item down.
 
-The overflow is one `lax.cond`, not a loop over chunks of items that skips
-the empty ones: a `lax.scan` over chunks stacks every chunk's activations
-for the backward pass.
+The chunks bound what the overflow adds to a chip's memory to one chunk's
+working set (K = `OVERFLOW_CHUNKS`: the pixel head of FractalMAR-256 runs
+~1.2M main and ~0.9M overflow pixel items per 32 images, which one
+`lax.cond` would hold at once), and let C sit lower, near the mean count:
+the first chunks run when the count exceeds C, the last ones almost never.
+The loop over chunks is in `skippable`'s custom VJP, forward and backward,
+so that no chunk's activations are stacked for the backward pass (a
+differentiated `lax.scan` would stack them). XLA's cost analysis counts the
+loop's body once: one chunk of each overflow, as though it ran.
 
 Groups: items are split into G equal contiguous groups, each sorted and cut
 on its own. With G = the number of batch shards every group lives on one
 device, so the sorts and gathers stay local (batched over G).
 
-Dimension letters: G groups, M items per group, C main items per group.
+Dimension letters: G groups, M items per group, C main items per group, K
+overflow chunks of R = (M - C) / K items per group.
 """
 
 from __future__ import annotations
@@ -55,6 +62,7 @@ RECOMPUTE_COST = 4.0 / 3.0  # an overflow that runs costs forward twice + backwa
 # The overflow doubles a level's compile time: compact only levels with many items and a sizeable saving.
 MIN_ITEMS = 1024  # per group
 MIN_SAVING = 0.1  # of the level's expected work
+OVERFLOW_CHUNKS = 8  # K: the overflow runs in this many equal chunks (fewer where its size has no such divisor)
 
 
 def count_pmf(seq_len: int) -> np.ndarray:
@@ -87,14 +95,21 @@ def _hidden_totals(rng: np.random.Generator, items: np.ndarray, seq_len: int) ->
   return np.clip(np.array(totals, np.int64), 0, items * seq_len)
 
 
+def overflow_chunks(rest: int) -> int:
+  """K for an overflow of `rest` items per group: the largest divisor of `rest` up to `OVERFLOW_CHUNKS`."""
+  return max(k for k in range(1, OVERFLOW_CHUNKS + 1) if rest % k == 0)
+
+
 @functools.cache
 def capacity(items_per_group: int, kinds: tuple[str, ...], seq_lens: tuple[int, ...]) -> int:
   """Main capacity C for the items below the levels `kinds` (top first, each with `seq_lens` patches).
 
   `items_per_group` is the number of top-level items (images) per group. C
-  minimises the expected work `C + P(count > C) * (M - C) * RECOMPUTE_COST`
-  over simulated training steps (a fixed seed: the same C every time). C = M
-  (no compaction) when M < MIN_ITEMS or the saving is under MIN_SAVING.
+  minimises the expected work `C + RECOMPUTE_COST * R * sum_k P(count > C + k R)`
+  (K chunks of R items) over simulated training steps (a fixed seed: the same
+  C every time), among the C that leave an overflow of `OVERFLOW_CHUNKS`
+  equal chunks. C = M (no compaction) when M < MIN_ITEMS or the saving is
+  under MIN_SAVING.
   """
   total = items_per_group * math.prod(seq_lens)
   if total < MIN_ITEMS:
@@ -103,9 +118,15 @@ def capacity(items_per_group: int, kinds: tuple[str, ...], seq_lens: tuple[int, 
   counts = np.full(SIMULATED_STEPS, items_per_group, np.int64)
   for kind, seq_len in zip(kinds, seq_lens):
     counts = _hidden_totals(rng, counts, seq_len) if kind == "mar" else counts * seq_len
-  step = max(1, total // 4096)  # candidate capacities
-  candidates = np.unique(np.clip(np.arange(0, total + step, step), 1, total))
-  cost = [c + np.mean(counts > c) * (total - c) * RECOMPUTE_COST for c in candidates]
+  step = max(1, total // 4096)  # candidate capacities, rounded up to leave whole chunks
+  rests = np.unique((total - np.clip(np.arange(0, total + step, step), 1, total)) // OVERFLOW_CHUNKS)
+  candidates = total - rests * OVERFLOW_CHUNKS
+
+  def expected_work(main: int, chunk: int) -> float:
+    runs = sum(np.mean(counts > main + k * chunk) for k in range(OVERFLOW_CHUNKS))
+    return main + RECOMPUTE_COST * chunk * runs
+
+  cost = [expected_work(int(c), int(r)) for c, r in zip(candidates, rests)]
   best = int(np.argmin(cost))
   return int(candidates[best]) if cost[best] <= (1.0 - MIN_SAVING) * total else total
 
@@ -182,51 +203,91 @@ def join(main: Any, rest: Any, groups: int) -> Any:
   return jax.tree.map(cat, main, rest)
 
 
-def skippable(fn: Callable[..., Any], run: jax.Array, params: Any, inputs: Any, key: jax.Array) -> Any:
-  """`fn(params, inputs, key)` if `run`, else zeros of its output; differentiable in params and inputs.
+def skippable(fn: Callable[..., Any], runs: jax.Array, params: Any, chunks: Any, keys: jax.Array) -> Any:
+  """`fn(params, chunk k, keys[k])` for each chunk k where `runs[k]`, zeros elsewhere; differentiable in params and chunks.
 
-  Nothing is stored for the backward pass: it recomputes `fn` under `jax.vjp`
-  when `run`, and returns zero cotangents otherwise (a custom VJP, so that
-  each pass traces `fn` once: `jax.checkpoint` around a `lax.cond` compiles
-  several more copies).
+  Args:
+    fn: (params, inputs, key) -> outputs, for one chunk's inputs.
+    runs: bool [K].
+    params: the parameters `fn` reads.
+    chunks: inputs with a leading chunk axis [K, ...].
+    keys: [K] random keys, one per chunk.
+
+  Returns:
+    `fn`'s outputs stacked along a leading [K] axis.
+
+  The chunks run one after the other, in a loop, forward and backward: one
+  chunk's working set at a time. Nothing is stored for the backward pass: it
+  recomputes `fn` under `jax.vjp` for the chunks that ran and gives zero
+  cotangents for the others (a custom VJP, so that each pass traces `fn`
+  once: `jax.checkpoint` around a `lax.cond` compiles several more copies).
   """
-  shapes = jax.eval_shape(fn, params, inputs, key)
+  shapes = jax.eval_shape(fn, params, jax.tree.map(lambda x: x[0], chunks), keys[0])
 
   def zeros(tree: Any) -> Any:
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
 
   @jax.custom_vjp
-  def call(run: jax.Array, params: Any, inputs: Any, key: jax.Array) -> Any:
-    return jax.lax.cond(run, fn, lambda *_: zeros(shapes), params, inputs, key)
+  def call(runs: jax.Array, params: Any, chunks: Any, keys: jax.Array) -> Any:
+    def one(args: tuple[jax.Array, Any, jax.Array]) -> Any:
+      run, chunk, key = args
+      return jax.lax.cond(run, fn, lambda *_: zeros(shapes), params, chunk, key)
 
-  def call_fwd(run: jax.Array, params: Any, inputs: Any, key: jax.Array) -> tuple[Any, Any]:
-    return call(run, params, inputs, key), (run, params, inputs, key)
+    return jax.lax.map(one, (runs, chunks, keys))
+
+  def call_fwd(runs: jax.Array, params: Any, chunks: Any, keys: jax.Array) -> tuple[Any, Any]:
+    return call(runs, params, chunks, keys), (runs, params, chunks, keys)
 
   def call_bwd(residuals: Any, cotangent: Any) -> tuple[None, Any, Any, None]:
-    run, params, inputs, key = residuals
-    leaves, treedef = jax.tree.flatten(inputs)
+    runs, params, chunks, keys = residuals
+    leaves, treedef = jax.tree.flatten(chunks)
     floating = [jnp.issubdtype(x.dtype, jnp.inexact) for x in leaves]
 
-    def with_floats(floats: list[jax.Array]) -> Any:  # inputs with its float leaves replaced
-      it = iter(floats)
-      return jax.tree.unflatten(treedef, [next(it) if f else x for x, f in zip(leaves, floating)])
+    def backward(params: Any, chunk: list[jax.Array], key: jax.Array, cotangent: Any) -> tuple[Any, Any]:
+      def with_floats(p: Any, floats: list[jax.Array]) -> Any:  # fn with the chunk's float leaves as arguments
+        it = iter(floats)
+        return fn(p, jax.tree.unflatten(treedef, [next(it) if f else x for x, f in zip(chunk, floating)]), key)
 
-    def backward(params: Any, floats: list[jax.Array], cotangent: Any) -> tuple[Any, Any]:
-      _, vjp = jax.vjp(lambda p, xs: fn(p, with_floats(xs), key), params, floats)
+      _, vjp = jax.vjp(with_floats, params, [x for x, f in zip(chunk, floating) if f])
       return vjp(cotangent)
 
-    def nothing(params: Any, floats: list[jax.Array], cotangent: Any) -> tuple[Any, Any]:
-      return zeros(params), zeros(floats)
+    def nothing(params: Any, chunk: list[jax.Array], key: jax.Array, cotangent: Any) -> tuple[Any, Any]:
+      return zeros(params), [jnp.zeros_like(x) for x, f in zip(chunk, floating) if f]
 
-    floats = [x for x, f in zip(leaves, floating) if f]
-    param_grads, float_grads = jax.lax.cond(run, backward, nothing, params, floats, cotangent)
+    def step(param_grads: Any, args: tuple[jax.Array, list[jax.Array], jax.Array, Any]) -> tuple[Any, Any]:
+      run, chunk, key, chunk_cotangent = args
+      grads, float_grads = jax.lax.cond(run, backward, nothing, params, chunk, key, chunk_cotangent)
+      return jax.tree.map(jnp.add, param_grads, grads), float_grads
+
+    param_grads, float_grads = jax.lax.scan(step, zeros(params), (runs, leaves, keys, cotangent))
     # Integer and bool inputs (masks, ids) get the symbolic zero cotangent, float0.
     it = iter(float_grads)
     input_grads = [next(it) if f else np.zeros(x.shape, jax.dtypes.float0) for x, f in zip(leaves, floating)]
     return None, param_grads, jax.tree.unflatten(treedef, input_grads), None
 
   call.defvjp(call_fwd, call_bwd)
-  return call(run, params, inputs, key)
+  return call(runs, params, chunks, keys)
+
+
+def as_chunks(tree: Any, groups: int, chunks: int) -> Any:
+  """Each [G * R * K, ...] leaf (K consecutive chunks per group) -> [K, G * R, ...]: chunk k of every group."""
+
+  def cut(x: jax.Array) -> jax.Array:
+    grouped = x.reshape(groups, chunks, x.shape[0] // (groups * chunks), *x.shape[1:])
+    return jnp.swapaxes(grouped, 0, 1).reshape(chunks, -1, *x.shape[1:])
+
+  return jax.tree.map(cut, tree)
+
+
+def from_chunks(tree: Any, groups: int) -> Any:
+  """Inverse of `as_chunks`."""
+
+  def glue(x: jax.Array) -> jax.Array:
+    chunks = x.shape[0]
+    grouped = x.reshape(chunks, groups, x.shape[1] // groups, *x.shape[2:])
+    return jnp.swapaxes(grouped, 0, 1).reshape(-1, *x.shape[2:])
+
+  return jax.tree.map(glue, tree)
 
 
 def level_kinds(levels: Sequence[Any]) -> tuple[tuple[str, ...], tuple[int, ...]]:
@@ -281,14 +342,20 @@ class CompactedItems:
     counts, main = items.layout
     head, rest = split(inputs, self.groups, main)
     out = fn(module, head)
-    if jax.tree.leaves(rest)[0].shape[0] == 0:
+    rest_per_group = jax.tree.leaves(rest)[0].shape[0] // self.groups
+    if rest_per_group == 0:
       return out
     unbound = module.clone(parent=None)
 
     def run(params: Any, x: dict[str, Any], key: jax.Array) -> Any:
       return unbound.apply({"params": params}, x, method=fn, rngs={"dropout": key})
 
-    # Without a "dropout" rng (evaluation) the levels are deterministic and ignore the key.
+    chunks = overflow_chunks(rest_per_group)
+    chunk = rest_per_group // chunks
+    # Chunk k holds the sorted positions main + k * chunk ... of every group: it runs if some group has more weight.
+    runs = jnp.any(counts[None, :] > main + chunk * jnp.arange(chunks)[:, None], axis=1)
+    # Without a "dropout" rng (evaluation) the levels are deterministic and ignore the keys.
     key = model.make_rng("dropout") if model.has_rng("dropout") else jax.random.key(0)
-    overflow = skippable(run, jnp.any(counts > main), module.variables["params"], rest, key)
-    return join(out, overflow, self.groups)
+    params = module.variables["params"]
+    overflow = skippable(run, runs, params, as_chunks(rest, self.groups, chunks), jax.random.split(key, chunks))
+    return join(out, from_chunks(overflow, self.groups), self.groups)
