@@ -47,6 +47,9 @@ def base_config() -> ml_collections.ConfigDict:
       scan_blocks=True,  # nn.scan over the blocks of each level (False: a Python loop)
       remat_policy="none",  # "none", "full" or a jax.checkpoint_policies name
       kernels="auto",  # "auto": CPU-tuned operations on CPU, standard ones on TPU/GPU; or "cpu" / "standard"
+      # () or one entry per level: that level's blocks run their items in this many sequential chunks in
+      # training (activation memory / K; the same FLOPs with remat_policy="full"). See configs/fractalmar_*_256.py.
+      item_chunks=(),
     )
   )
   # Sampling (--mode=sample): hyper-parameters of the official sampler.

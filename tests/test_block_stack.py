@@ -20,9 +20,11 @@ TIMM = dict(width=12, heads=3)
 PATHS = ("scan", "loop", "unscanned")
 
 
-def _stack(block_cls, kwargs, path, remat="none"):
+def _stack(block_cls, kwargs, path, remat="none", item_chunks=1):
   loop_depth = DEPTH if path == "loop" else 0
-  return block_stack.BlockStack(block_cls, kwargs, DEPTH, scan=path != "unscanned", remat=remat, loop_depth=loop_depth)
+  return block_stack.BlockStack(
+    block_cls, kwargs, DEPTH, scan=path != "unscanned", remat=remat, loop_depth=loop_depth, item_chunks=item_chunks
+  )
 
 
 def _params(block_cls, kwargs, x, **call):
@@ -37,12 +39,12 @@ def _params(block_cls, kwargs, x, **call):
   return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
-def _apply(block_cls, kwargs, path, params, x, remat="none", method=None, **call):
+def _apply(block_cls, kwargs, path, params, x, remat="none", method=None, item_chunks=1, rngs=None, **call):
   """The stack on the given path; parameters in the stacked layout whatever the path."""
   if path == "unscanned":
     params = block_stack.unstack_block_params(params)
-  stack = _stack(block_cls, kwargs, path, remat)
-  return stack.apply({"params": params}, x, **call) if method is None else method(stack, params)
+  stack = _stack(block_cls, kwargs, path, remat, item_chunks)
+  return stack.apply({"params": params}, x, rngs=rngs, **call) if method is None else method(stack, params)
 
 
 @pytest.mark.parametrize("remat", ["none", "full"])
@@ -66,6 +68,44 @@ def test_timm_paths_agree_in_value_gradient_and_queries(remat):
     )
     picked, _ = _apply(TimmBlock, TIMM, path, params, x, queries=queries)
     np.testing.assert_allclose(picked, jnp.take_along_axis(full, queries[..., None], axis=1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+@pytest.mark.parametrize("path", PATHS)
+def test_item_chunks_equal_one_pass_in_value_and_gradient(path, remat):
+  """Blocks that run their items in sequential chunks compute the same function (6 items: 4 chunks -> 3 of 2)."""
+  x = jax.random.normal(jax.random.key(4), (6, 5, TIMM["width"]))
+  params = _params(TimmBlock, TIMM, x)
+  table = jnp.asarray(rotary.rotary_table(2, LLAMA["width"] // LLAMA["heads"]))
+  y = jax.random.normal(jax.random.key(5), (6, table.shape[0], LLAMA["width"]))
+  llama_params = _params(LlamaBlock, LLAMA, y, rotary=table)
+  assert [block_stack.item_chunks(6, k) for k in (1, 2, 4, 6, 9)] == [1, 2, 3, 6, 6]
+
+  def loss(p, q, chunks):
+    out, cache = _apply(TimmBlock, TIMM, path, p, x, remat, item_chunks=chunks)
+    llama, _ = _apply(LlamaBlock, LLAMA, path, q, y, remat, item_chunks=chunks, rotary=table)
+    assert cache is None and out.shape == x.shape and llama.shape == y.shape
+    return jnp.sum(jnp.tanh(out) * x) + jnp.sum(jnp.tanh(llama) * y)
+
+  want, want_grads = jax.value_and_grad(loss, argnums=(0, 1))(params, llama_params, 1)
+  for chunks in (2, 4):
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), static_argnums=2)(params, llama_params, chunks)
+    np.testing.assert_allclose(value, want, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, want_grads)
+
+
+def test_item_chunks_draw_dropout_per_chunk():
+  """With dropout, each chunk draws its own masks (chunks give other outputs than one pass), reproducibly."""
+  kwargs = dict(TIMM, attn_dropout=0.0, proj_dropout=0.5)
+  x = jnp.ones((8, 4, TIMM["width"]))
+  params = _params(TimmBlock, TIMM, x)
+  call = dict(rngs={"dropout": jax.random.key(7)}, deterministic=False)
+  whole, _ = _apply(TimmBlock, kwargs, "scan", params, x, **call)
+  chunked, _ = _apply(TimmBlock, kwargs, "scan", params, x, item_chunks=4, **call)
+  again, _ = _apply(TimmBlock, kwargs, "scan", params, x, item_chunks=4, **call)
+  np.testing.assert_array_equal(chunked, again)  # the same key, the same draws
+  assert not np.allclose(chunked, whole)
+  assert not np.allclose(chunked[0::4], chunked[1::4])  # items 0, 4 (chunk 0) and 1, 5 (chunk 1): alike inputs
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -206,3 +206,34 @@ def test_arrangements_are_for_training_only():
     fractal.build(s).apply(
       {"params": tiny_models.init_params(s)}, images, labels, train=False, arrangement=compaction.CompactedItems()
     )
+
+
+def test_item_chunks_give_the_same_training_loss_and_grads(monkeypatch):
+  """`config.model.item_chunks` (blocks over sequential chunks of their items) leaves the training loss unchanged.
+
+  With compaction (main part and chunked overflow) and remat, as a training step runs it; dropout off so that
+  the two compare exactly.
+  """
+  monkeypatch.setattr(blocks, "Dropout", lambda *args, **kwargs: lambda x, deterministic=None: x)
+  monkeypatch.setattr(compaction, "capacity", lambda n, kinds, lens: n * int(np.prod(lens)) // 2)
+  common = dict(label_drop_prob=0.0, attn_dropout=0.0, guiding_pixel=True, remat_policy="full")
+  plain = tiny_models.settings("mar_mar", **common)
+  levels = len(plain.levels) + 1
+  chunked = tiny_models.settings("mar_mar", item_chunks=(3,) + (4,) * (levels - 1), **common)
+  assert [spec.item_chunks for spec in chunked.levels] + [chunked.pixel.item_chunks] == [3] + [4] * (levels - 1)
+  params = tiny_models.init_params(plain)
+  images, masks, pixel_noise, guide_noise = tiny_models.loss_inputs(plain, BATCH)
+  labels = jnp.zeros((BATCH,), jnp.int32)
+  kwargs = dict(train=True, masks=masks, pixel_noise=pixel_noise, guide_noise=guide_noise)
+
+  def loss(s, p):
+    rngs = fractal.make_rngs(jax.random.key(0))
+    return fractal.build(s).apply(
+      {"params": p}, images, labels, **kwargs, arrangement=compaction.CompactedItems(), rngs=rngs
+    )[0]
+
+  want, want_grads = jax.jit(jax.value_and_grad(functools.partial(loss, plain)))(params)
+  got, grads = jax.jit(jax.value_and_grad(functools.partial(loss, chunked)))(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))

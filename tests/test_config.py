@@ -49,6 +49,8 @@ BAD = [
   (dict(types=("ar", "ar", "ar")), "last entry of types must be 'pixel'"),
   (dict(remat_policy="sometimes"), "remat_policy"),
   (dict(dtype="float8"), "config.model.dtype"),
+  (dict(item_chunks=(1, 8)), "item_chunks=(1, 8): give () or one positive integer per level (3)"),
+  (dict(item_chunks=(1, 0, 2)), "one positive integer per level"),
 ]
 
 

@@ -49,7 +49,13 @@ class ARLevel(nn.Module):
       width=spec.width, heads=spec.heads, dtype=self.dtype, param_dtype=self.param_dtype, cpu_kernels=self.cpu_kernels
     )
     self.layers = BlockStack(
-      LlamaBlock, block_kwargs, spec.depth, self.scan, self.remat, loop_depth=LOOP_MAX_DEPTH if self.cpu_kernels else 0
+      LlamaBlock,
+      block_kwargs,
+      spec.depth,
+      self.scan,
+      self.remat,
+      loop_depth=LOOP_MAX_DEPTH if self.cpu_kernels else 0,
+      item_chunks=spec.item_chunks,
     )
     self.norm = layer_norm(self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
 

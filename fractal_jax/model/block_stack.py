@@ -16,6 +16,17 @@ applies `depth` of them. Its parameters come in two layouts:
 `stack_block_params` / `unstack_block_params` move parameters between the
 two layouts, and both compute the same function. Blocks may be wrapped in
 `nn.remat` with a `jax.checkpoint_policies` policy chosen by name.
+
+Item chunks (`item_chunks` K > 1): each block runs its B items in K chunks,
+one after the other (an `nn.scan` over chunks that shares the block's
+parameters), each chunk under the block's remat. The lower levels of the
+256x256 models run ~1e5-1e6 items per chip, and a block's forward and
+backward working set (its MLP's [B, L, 4D] hidden activations, attention
+logits, their gradients) grows with B: chunks bound it to B / K items, with
+the same FLOPs when every block is rematerialised (`remat="full"`: a chunk
+keeps only its input, which the stack keeps anyway). Chunk k holds the items
+k, k + K, k + 2K, ... so that a batch sharded in contiguous blocks stays
+where it is. Only the teacher-forced pass chunks; cached decoding does not.
 """
 
 from __future__ import annotations
@@ -51,6 +62,7 @@ class BlockStack(nn.Module):
   scan: bool = True
   remat: str = "none"
   loop_depth: int = 0  # scanned stacks up to this depth apply their stacked parameters in a loop
+  item_chunks: int = 1  # K: each block runs its items in K sequential chunks (module docstring)
 
   @nn.compact
   def __call__(
@@ -83,15 +95,17 @@ class BlockStack(nn.Module):
       # prevent_cse is only needed outside scan (scan already prevents CSE across steps).
       uses_scan = self.scan and not loop_scanned
       block_cls = nn.remat(block_cls, policy=remat_policy(self.remat), prevent_cse=not uses_scan)
+    teacher_forced = cache is None and queries is None and not self.is_initializing()
+    chunks = item_chunks(x.shape[0], self.item_chunks) if teacher_forced else 1
     if loop_scanned:
       # The scanned parameters, sliced per layer and applied by a Python loop.
       looped = nn.map_variables(_BlockLoop, "params", trans_in_fn=functools.partial(_slice_layers, depth=self.depth))
-      return looped(block_cls, kwargs, self.depth, name="blocks")(
+      return looped(block_cls, kwargs, self.depth, chunks, name="blocks")(
         x, rotary=rotary, position=position, cache=cache, queries=queries
       )
     if self.scan:
       stack = nn.scan(
-        _scan_step,
+        functools.partial(_scan_step, chunks=chunks),
         variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(0, nn.broadcast, nn.broadcast),  # cache: sliced per layer; rotary, position: the same for all
@@ -103,15 +117,62 @@ class BlockStack(nn.Module):
         x = jnp.take_along_axis(x, queries[:, :, None], axis=1)
       return x, cache
     make_block = lambda i: block_cls(**kwargs, name=f"blocks_{i}")  # noqa: E731
-    return _apply_in_turn(make_block, self.depth, x, rotary, position, cache, queries)
+    return _apply_in_turn(make_block, self.depth, x, rotary, position, cache, queries, chunks)
+
+
+def item_chunks(items: int, wanted: int) -> int:
+  """K for `items` items: the largest divisor of `items` up to `wanted` (the chunks are equal)."""
+  return max(k for k in range(1, max(wanted, 1) + 1) if items % k == 0)
 
 
 def _scan_step(
-  block: nn.Module, x: jax.Array, cache: KVCache | None, rotary: jax.Array | None, position: jax.Array | None
+  block: nn.Module,
+  x: jax.Array,
+  cache: KVCache | None,
+  rotary: jax.Array | None,
+  position: jax.Array | None,
+  chunks: int = 1,
 ) -> tuple[jax.Array, KVCache | None]:
   """One scanned layer: `nn.scan` passes positional arguments, blocks take keywords; x stays along "batch"."""
-  x, cache = block(layers.along_batch(x), rotary=rotary, position=position, cache=cache)
+  x, cache = _apply_block(block, layers.along_batch(x), rotary, position, cache, None, chunks)
   return layers.along_batch(x), cache
+
+
+def _apply_block(
+  block: nn.Module,
+  x: jax.Array,
+  rotary: jax.Array | None,
+  position: jax.Array | None,
+  cache: KVCache | None,
+  queries: jax.Array | None,
+  chunks: int,
+) -> tuple[jax.Array, KVCache | None]:
+  """`block` on x [B, L, D], at once or (teacher-forced only) in `chunks` sequential chunks of its items.
+
+  The chunk loop is an `nn.scan` that broadcasts the block's parameters (no
+  new scope: the same parameter tree) and splits its dropout rng.
+  """
+  if chunks == 1:
+    return block(x, rotary=rotary, position=position, cache=cache, queries=queries)
+  batch = x.shape[0]
+  xs = jnp.swapaxes(x.reshape(batch // chunks, chunks, *x.shape[1:]), 0, 1)  # [K, B / K, L, D]: items k, k + K, ..
+  run = nn.scan(
+    _chunk_step,
+    variable_broadcast="params",
+    split_rngs={"params": False, "dropout": True},
+    in_axes=(0, nn.broadcast, nn.broadcast),
+    length=chunks,
+  )
+  _, ys = run(block, None, xs, rotary, position)
+  return jnp.swapaxes(ys, 0, 1).reshape(batch, *ys.shape[2:]), None
+
+
+def _chunk_step(
+  block: nn.Module, carry: None, x: jax.Array, rotary: jax.Array | None, position: jax.Array | None
+) -> tuple[None, jax.Array]:
+  """One chunk of items [B / K, L, D] through `block`, kept along "batch"."""
+  y, _ = block(layers.along_batch(x), rotary=rotary, position=position)
+  return carry, layers.along_batch(y)
 
 
 def _slice_layers(collections: Mapping[str, Any], depth: int) -> dict[str, Any]:
@@ -128,6 +189,7 @@ class _BlockLoop(nn.Module):
   block_cls: Any
   block_kwargs: Mapping[str, Any]
   depth: int
+  chunks: int = 1
 
   @nn.compact
   def __call__(
@@ -140,7 +202,7 @@ class _BlockLoop(nn.Module):
     queries: jax.Array | None,
   ) -> tuple[jax.Array, KVCache | None]:
     make_block = lambda i: self.block_cls(**self.block_kwargs, name=f"blocks_{i}")  # noqa: E731
-    return _apply_in_turn(make_block, self.depth, x, rotary, position, cache, queries)
+    return _apply_in_turn(make_block, self.depth, x, rotary, position, cache, queries, self.chunks)
 
 
 def _apply_in_turn(
@@ -151,14 +213,15 @@ def _apply_in_turn(
   position: jax.Array | None,
   cache: KVCache | None,
   queries: jax.Array | None,
+  chunks: int = 1,
 ) -> tuple[jax.Array, KVCache | None]:
   """Blocks `make_block(0) .. make_block(depth - 1)` one after the other; arguments as `BlockStack`."""
   updates = []
   for i in range(depth):
     layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
     last = i == depth - 1
-    x, update = make_block(i)(
-      layers.along_batch(x), rotary=rotary, position=position, cache=layer_cache, queries=queries if last else None
+    x, update = _apply_block(
+      make_block(i), layers.along_batch(x), rotary, position, layer_cache, queries if last else None, chunks
     )
     updates.append(update)
   return layers.along_batch(x), None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *updates)

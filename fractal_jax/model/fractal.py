@@ -137,7 +137,9 @@ class FractalModel(nn.Module):
       else:
         levels.append(MARLevel(spec, attn_dropout=s.attn_dropout, proj_dropout=s.proj_dropout, **common))
     self.levels = levels
-    self.pixel_head = pixel_head.PixelHead(width=s.pixel.width, depth=s.pixel.depth, heads=s.pixel.heads, **common)
+    self.pixel_head = pixel_head.PixelHead(
+      width=s.pixel.width, depth=s.pixel.depth, heads=s.pixel.heads, item_chunks=s.pixel.item_chunks, **common
+    )
 
   def class_condition(self, labels: jax.Array, *, drop: bool) -> jax.Array:
     """Level-0 condition [B, D0] float32: class embeddings, `fake_latent` where dropped.

@@ -83,7 +83,13 @@ class MARLevel(nn.Module):
       cpu_kernels=self.cpu_kernels,
     )
     self.layers = BlockStack(
-      TimmBlock, block_kwargs, spec.depth, self.scan, self.remat, loop_depth=LOOP_MAX_DEPTH if self.cpu_kernels else 0
+      TimmBlock,
+      block_kwargs,
+      spec.depth,
+      self.scan,
+      self.remat,
+      loop_depth=LOOP_MAX_DEPTH if self.cpu_kernels else 0,
+      item_chunks=spec.item_chunks,
     )
     self.norm = layer_norm(self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
 

@@ -58,6 +58,7 @@ class PixelHeadSpec:
   depth: int
   heads: int
   r_weight: float  # training weight of the red channel's cross-entropy (green and blue: 1)
+  item_chunks: int = 1  # its blocks run their items in this many sequential chunks (`config.model.item_chunks`)
 
 
 def guiding_head(cond_width: int) -> PixelHeadSpec:
@@ -81,6 +82,7 @@ class LevelSpec:
   num_conds: int  # conditions prepended as tokens (AR always uses 1)
   next_num_conds: int  # how many of the 5 output conditions the next level reads
   guide_head: PixelHeadSpec | None  # models the patch's mean colour first (MAR, levels >= 1); else None
+  item_chunks: int = 1  # its blocks run their items in this many sequential chunks (`config.model.item_chunks`)
 
   @property
   def guiding_pixel(self) -> bool:
@@ -130,7 +132,10 @@ def validate(model_cfg: Any) -> tuple[tuple[LevelSpec, ...], PixelHeadSpec]:
   """
   fields = _per_level_fields(model_cfg)
   num_conds, guiding_pixel = _check_scalars(model_cfg, fields["types"])
-  levels = _level_specs(fields, num_conds, guiding_pixel)
+  chunks = _item_chunks(model_cfg, len(fields["types"]))
+  levels = tuple(
+    dataclasses.replace(spec, item_chunks=k) for spec, k in zip(_level_specs(fields, num_conds, guiding_pixel), chunks)
+  )
   widths, depths, heads = fields["widths"], fields["depths"], fields["heads"]
   pixel = PixelHeadSpec(
     cond_width=widths[-2],
@@ -138,8 +143,21 @@ def validate(model_cfg: Any) -> tuple[tuple[LevelSpec, ...], PixelHeadSpec]:
     depth=depths[-1],
     heads=heads[-1],
     r_weight=float(_get(model_cfg, "r_weight")),
+    item_chunks=chunks[-1],
   )
   return levels, pixel
+
+
+def _item_chunks(model_cfg: Any, num_levels: int) -> tuple[int, ...]:
+  """`config.model.item_chunks`, one per level (absent or () in configs and checkpoints from before it: all 1)."""
+  value = model_cfg.get("item_chunks", ()) if isinstance(model_cfg, Mapping) else getattr(model_cfg, "item_chunks", ())
+  chunks = _as_tuple("item_chunks", value) or (1,) * num_levels
+  if len(chunks) != num_levels or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in chunks):
+    raise ConfigError(
+      f"config.model.item_chunks={value!r}: give () or one positive integer per level ({num_levels}), "
+      "e.g. --config.model.item_chunks=" + str((1,) * (num_levels - 2) + (8, 8)).replace(" ", "") + "."
+    )
+  return chunks
 
 
 def _per_level_fields(model_cfg: Any) -> dict[str, tuple]:

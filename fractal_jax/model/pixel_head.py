@@ -85,6 +85,7 @@ class PixelHead(nn.Module):
   scan: bool = True
   remat: str = "none"
   cpu_kernels: bool = False  # the CPU-tuned forms of the layers (`blocks` module docstring)
+  item_chunks: int = 1  # the blocks run their items in this many sequential chunks (`block_stack`)
 
   def setup(self) -> None:
     emb_init = nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed"))
@@ -111,7 +112,13 @@ class PixelHead(nn.Module):
       cpu_kernels=self.cpu_kernels,
     )
     self.layers = BlockStack(
-      TimmBlock, block_kwargs, self.depth, self.scan, self.remat, loop_depth=LOOP_MAX_DEPTH if self.cpu_kernels else 0
+      TimmBlock,
+      block_kwargs,
+      self.depth,
+      self.scan,
+      self.remat,
+      loop_depth=LOOP_MAX_DEPTH if self.cpu_kernels else 0,
+      item_chunks=self.item_chunks,
     )
     self.norm = layer_norm(self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
 
