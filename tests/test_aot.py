@@ -150,7 +150,10 @@ def test_step_cost_from_shallow_stacks_equals_the_unrolled_count():
   assert aot._stack_depths(paper) == (24, 6, 3, 0, 3, 3, 1)  # levels 1 and 2 have a guiding-pixel head
   cut = aot._with_stack_depths(paper, (1, 2, 1, 0, 2, 1, 1))
   assert aot._stack_depths(cut) == (1, 2, 1, 0, 2, 1, 1) and not cut.scan_blocks
+  assert aot._item_chunks(paper) == (1, 1, 8, 8) and aot._item_chunks(cut) == (1, 1, 1, 1)
   device = jax.devices()[0]
   unrolled = dataclasses.replace(settings, scan_blocks=False)
   whole, _ = aot._compile_train_step(config, unrolled, mesh.make_mesh((1, 1, 1), [device]), 4, 1)
-  np.testing.assert_allclose(aot.step_cost(config, settings, device, 4), aot._cost(whole), rtol=1e-3)
+  config.model.item_chunks = (2, 2, 2)  # blocks over chunks of their items: a loop, the same FLOPs
+  chunked = model_config.settings(config.model)
+  np.testing.assert_allclose(aot.step_cost(config, chunked, device, 4), aot._cost(whole), rtol=1e-3)

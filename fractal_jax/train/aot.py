@@ -166,9 +166,26 @@ def _lower_train_step(config: Any, model_settings: ModelSettings, mesh: Mesh, ba
 
 
 def _has_loops(model_settings: ModelSettings) -> bool:
-  """Whether the step's program scans a block stack (deeper than 1) whose trip count the cost analysis ignores."""
+  """Whether the step's program has loops whose trip count the cost analysis ignores: scanned block stacks
+  (deeper than 1) or blocks that run their items in chunks."""
   loop_depth = block_stack.LOOP_MAX_DEPTH if model_settings.kernels == "cpu" else 0
-  return model_settings.scan_blocks and any(depth > max(loop_depth, 1) for depth in _stack_depths(model_settings))
+  scanned = model_settings.scan_blocks and any(depth > max(loop_depth, 1) for depth in _stack_depths(model_settings))
+  return scanned or any(chunks > 1 for chunks in _item_chunks(model_settings))
+
+
+def _item_chunks(model_settings: ModelSettings) -> tuple[int, ...]:
+  return (*(spec.item_chunks for spec in model_settings.levels), model_settings.pixel.item_chunks)
+
+
+def _unrolled(model_settings: ModelSettings) -> ModelSettings:
+  """`model_settings` without loops the cost analysis would count once: stacks unscanned, items in one chunk.
+
+  One chunk computes the same FLOPs (a chunk's remat recomputes what the
+  block's would); only the working set differs.
+  """
+  levels = tuple(dataclasses.replace(spec, item_chunks=1) for spec in model_settings.levels)
+  pixel = dataclasses.replace(model_settings.pixel, item_chunks=1)
+  return dataclasses.replace(model_settings, levels=levels, pixel=pixel, scan_blocks=False)
 
 
 def _stack_depths(model_settings: ModelSettings) -> tuple[int, ...]:
@@ -179,14 +196,15 @@ def _stack_depths(model_settings: ModelSettings) -> tuple[int, ...]:
 
 
 def _with_stack_depths(model_settings: ModelSettings, depths: Sequence[int]) -> ModelSettings:
-  """`model_settings` with its block stacks (in `_stack_depths` order) `depths` deep, unscanned."""
+  """`model_settings` with its block stacks (in `_stack_depths` order) `depths` deep, `_unrolled`."""
+  model_settings = _unrolled(model_settings)
   count = len(model_settings.levels)
   levels = []
   for i, spec in enumerate(model_settings.levels):
     guide = None if spec.guide_head is None else dataclasses.replace(spec.guide_head, depth=depths[count + i])
     levels.append(dataclasses.replace(spec, depth=depths[i], guide_head=guide))
   pixel = dataclasses.replace(model_settings.pixel, depth=depths[-1])
-  return dataclasses.replace(model_settings, levels=tuple(levels), pixel=pixel, scan_blocks=False)
+  return dataclasses.replace(model_settings, levels=tuple(levels), pixel=pixel)
 
 
 def step_cost(
@@ -209,7 +227,7 @@ def step_cost(
   fusion every operation's operands would count as traffic).
   """
   if not traffic:  # lowered for a CPU device: libtpu's deviceless client has no cost analysis of lowered programs
-    unrolled = dataclasses.replace(model_settings, scan_blocks=False)
+    unrolled = _unrolled(model_settings)
     host = mesh_lib.make_mesh((1, 1, 1), jax.devices("cpu")[:1])
     return _cost(_lower_train_step(config, unrolled, host, images, 1)[0])[0], float("nan")
   one_chip = mesh_lib.make_mesh((1, 1, 1), [device])

@@ -301,9 +301,9 @@ class CompactedItems:
 
   Per group of items (`groups` = the batch shards of the mesh), the items
   with weight come first (`compact`); a level runs on the first `capacity`
-  items of each group directly and on the rest only when one of them has
-  weight (`skippable`). Exact: the same loss and gradients as sending every
-  item down.
+  items of each group directly and on the rest in `overflow_chunks` chunks,
+  each only when one of its items has weight (`skippable`). Exact: the same
+  loss and gradients as sending every item down.
   """
 
   groups: int = 1
