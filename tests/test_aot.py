@@ -91,6 +91,7 @@ def test_a_batch_too_large_for_the_chip_is_refused(tmp_path):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: the train step"), result.stderr
   assert "config.train.grad_accum_steps" in lines[0] and "remat_policy=full" in lines[0]
+  assert "config.model.item_chunks, now ()" in lines[0]
 
 
 TEMPORARIES = """

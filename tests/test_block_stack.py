@@ -78,14 +78,15 @@ def test_item_chunks_equal_one_pass_in_value_and_gradient(path, remat):
   params = _params(TimmBlock, TIMM, x)
   table = jnp.asarray(rotary.rotary_table(2, LLAMA["width"] // LLAMA["heads"]))
   y = jax.random.normal(jax.random.key(5), (6, table.shape[0], LLAMA["width"]))
-  llama_params = _params(LlamaBlock, LLAMA, y, rotary=table)
+  llama = dict(LLAMA, resid_dropout=0.0, ffn_dropout=0.0)
+  llama_params = _params(LlamaBlock, llama, y, rotary=table)
   assert [block_stack.item_chunks(6, k) for k in (1, 2, 4, 6, 9)] == [1, 2, 3, 6, 6]
 
-  def loss(p, q, chunks):
-    out, cache = _apply(TimmBlock, TIMM, path, p, x, remat, item_chunks=chunks)
-    llama, _ = _apply(LlamaBlock, LLAMA, path, q, y, remat, item_chunks=chunks, rotary=table)
-    assert cache is None and out.shape == x.shape and llama.shape == y.shape
-    return jnp.sum(jnp.tanh(out) * x) + jnp.sum(jnp.tanh(llama) * y)
+  def loss(p, q, chunks):  # training, with the blocks' dropout rates at 0
+    out, cache = _apply(TimmBlock, TIMM, path, p, x, remat, item_chunks=chunks, deterministic=False)
+    ar, _ = _apply(LlamaBlock, llama, path, q, y, remat, item_chunks=chunks, rotary=table, deterministic=False)
+    assert cache is None and out.shape == x.shape and ar.shape == y.shape
+    return jnp.sum(jnp.tanh(out) * x) + jnp.sum(jnp.tanh(ar) * y)
 
   want, want_grads = jax.value_and_grad(loss, argnums=(0, 1))(params, llama_params, 1)
   for chunks in (2, 4):
@@ -104,6 +105,7 @@ def test_item_chunks_draw_dropout_per_chunk():
   chunked, _ = _apply(TimmBlock, kwargs, "scan", params, x, item_chunks=4, **call)
   again, _ = _apply(TimmBlock, kwargs, "scan", params, x, item_chunks=4, **call)
   np.testing.assert_array_equal(chunked, again)  # the same key, the same draws
+
   assert not np.allclose(chunked, whole)
   assert not np.allclose(chunked[0::4], chunked[1::4])  # items 0, 4 (chunk 0) and 1, 5 (chunk 1): alike inputs
 

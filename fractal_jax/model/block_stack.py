@@ -26,7 +26,8 @@ logits, their gradients) grows with B: chunks bound it to B / K items, with
 the same FLOPs when every block is rematerialised (`remat="full"`: a chunk
 keeps only its input, which the stack keeps anyway). Chunk k holds the items
 k, k + K, k + 2K, ... so that a batch sharded in contiguous blocks stays
-where it is. Only the teacher-forced pass chunks; cached decoding does not.
+where it is. Every pass over whole sequences chunks (training, evaluation,
+a MAR level's sampling steps); cached decoding and `queries` do not.
 """
 
 from __future__ import annotations
@@ -95,8 +96,8 @@ class BlockStack(nn.Module):
       # prevent_cse is only needed outside scan (scan already prevents CSE across steps).
       uses_scan = self.scan and not loop_scanned
       block_cls = nn.remat(block_cls, policy=remat_policy(self.remat), prevent_cse=not uses_scan)
-    teacher_forced = cache is None and queries is None and not self.is_initializing()
-    chunks = item_chunks(x.shape[0], self.item_chunks) if teacher_forced else 1
+    whole_sequences = cache is None and queries is None and not self.is_initializing()
+    chunks = item_chunks(x.shape[0], self.item_chunks) if whole_sequences else 1
     if loop_scanned:
       # The scanned parameters, sliced per layer and applied by a Python loop.
       looped = nn.map_variables(_BlockLoop, "params", trans_in_fn=functools.partial(_slice_layers, depth=self.depth))
@@ -147,7 +148,7 @@ def _apply_block(
   queries: jax.Array | None,
   chunks: int,
 ) -> tuple[jax.Array, KVCache | None]:
-  """`block` on x [B, L, D], at once or (teacher-forced only) in `chunks` sequential chunks of its items.
+  """`block` on x [B, L, D], at once or (whole sequences only) in `chunks` sequential chunks of its items.
 
   The chunk loop is an `nn.scan` that broadcasts the block's parameters (no
   new scope: the same parameter tree) and splits its dropout rng.

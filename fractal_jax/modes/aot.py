@@ -36,6 +36,8 @@ def _levers(config: Any, program: str) -> str:
     levers.append(f"config.model.remat_policy=full (now {model.remat_policy})")
   if model.dtype != "bfloat16":
     levers.append(f"config.model.dtype=bfloat16 (now {model.dtype})")
+  chunks = tuple(model.get("item_chunks", ())) or "()"
+  levers.append(f"more item chunks at the levels with many items (config.model.item_chunks, now {chunks})")
   levers.append(f"more devices on fsdp (config.mesh_shape, now {tuple(config.mesh_shape)})")
   return "change " + ", ".join(levers)
 
