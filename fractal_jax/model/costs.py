@@ -68,6 +68,7 @@ def pixel_head_flops(head: PixelHeadSpec, model_settings: ModelSettings, num_ite
 def level_flops(spec: LevelSpec, model_settings: ModelSettings, num_items: int) -> float:
   """Forward FLOPs of a generator level (with its guiding-pixel head) on `num_items` items."""
   common = _common(model_settings)
+  spec = dataclasses.replace(spec, item_chunks=1)  # one pass: a chunk loop's body would count once
   abstract = jax.ShapeDtypeStruct
   patches = abstract((num_items, spec.seq_len, spec.patch_dim), jnp.float32)
   conds = [abstract((num_items, spec.cond_width), jnp.float32)] * spec.num_conds
