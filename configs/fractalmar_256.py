@@ -32,7 +32,7 @@ def get_config(size: str = "large"):
   config.model.guiding_pixel = True
   # In training, levels 2 and 3 (the pixel head) run ~1e5 and ~1e6 items per chip at 32 images: their blocks
   # take them in 8 sequential chunks (the same FLOPs with remat_policy="full"; FractalMAR-Large at 32 images
-  # per chip on v5p: 77.2 -> 36.3 GiB of temporaries, README).
+  # per chip on v5p-64: 77.4 -> 36.5 GiB, README).
   config.model.item_chunks = (1, 1, 8, 8)
   # Training as the official recipe: ImageNet 256x256 (ImageFolder, ADM center crop, random flip),
   # global batch 1024, lr 5e-5 * 1024 / 256, 800 epochs with 40 of warm-up.
