@@ -80,8 +80,7 @@ def _patches(piece: str) -> list[tuple[object, str, object]]:
   if piece == "dropout":
     return [(blocks, "Dropout", _forcing(blocks.Dropout, cpu_kernels=True))]
   if piece == "loops":
-    forced = _forcing(block_stack.BlockStack, loop_depth=block_stack.LOOP_MAX_DEPTH)
-    return [(m, "BlockStack", forced) for m in (ar_level, mar_level, pixel_head)]
+    return [(block_stack, "BlockStack", _forcing(block_stack.BlockStack, loop_depth=block_stack.LOOP_MAX_DEPTH))]
   raise ValueError(f"unknown piece {piece!r}; use some of {', '.join(PIECES)}")
 
 

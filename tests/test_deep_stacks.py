@@ -16,7 +16,7 @@ import pytest
 import tiny_models
 from test_sharding import _run_on_8_devices
 
-from fractal_jax.model import ar_level, block_stack, blocks, fractal, mar_level, model_config, pixel_head
+from fractal_jax.model import ar_level, block_stack, blocks, fractal, model_config
 
 DEEP = tiny_models.DEEP
 deep_settings = tiny_models.deep_settings
@@ -41,8 +41,7 @@ def test_deep_stack_paths_and_official_loss_agree(family, monkeypatch):
   )(params)
   unscanned = deep_settings(family, kernels="cpu", scan_blocks=False)
   got_unscanned = loss_and_grads(unscanned, block_stack.unstack_block_params(params))
-  for module in (ar_level, mar_level, pixel_head):  # CPU kernels, every stack applied as a loop
-    monkeypatch.setattr(module, "LOOP_MAX_DEPTH", DEEP)
+  monkeypatch.setattr(block_stack, "LOOP_MAX_DEPTH", DEEP)  # CPU kernels, every stack applied as a loop
   looped = loss_and_grads(deep_settings(family, kernels="cpu"), params)
   for got in (official, looped, (got_unscanned[0], block_stack.stack_block_params(got_unscanned[1]))):
     np.testing.assert_allclose(got[0], want[0], rtol=2e-6)

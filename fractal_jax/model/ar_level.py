@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from fractal_jax.model import rotary
-from fractal_jax.model.block_stack import LOOP_MAX_DEPTH, BlockStack
+from fractal_jax.model.block_stack import level_blocks
 from fractal_jax.model.blocks import KVCache, LlamaBlock
 from fractal_jax.model.layers import dense, layer_norm
 from fractal_jax.model.model_config import LevelSpec
@@ -45,18 +45,7 @@ class ARLevel(nn.Module):
       (1, spec.seq_len + 1, spec.width),
       self.param_dtype,
     )
-    block_kwargs = dict(
-      width=spec.width, heads=spec.heads, dtype=self.dtype, param_dtype=self.param_dtype, cpu_kernels=self.cpu_kernels
-    )
-    self.layers = BlockStack(
-      LlamaBlock,
-      block_kwargs,
-      spec.depth,
-      self.scan,
-      self.remat,
-      loop_depth=LOOP_MAX_DEPTH if self.cpu_kernels else 0,
-      item_chunks=spec.item_chunks,
-    )
+    self.layers = level_blocks(self, LlamaBlock, spec.depth, spec.item_chunks, width=spec.width, heads=spec.heads)
     self.norm = layer_norm(self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
 
   def rotary_table(self) -> jax.Array:

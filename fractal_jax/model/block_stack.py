@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -52,6 +52,29 @@ def remat_policy(name: str) -> Any:
   if name == "full":
     return jax.checkpoint_policies.nothing_saveable
   return getattr(jax.checkpoint_policies, name)
+
+
+class LevelSettings(Protocol):
+  """What a level or head module holds that its blocks share (`ARLevel`, `MARLevel`, `PixelHead`)."""
+
+  dtype: Any
+  param_dtype: Any
+  scan: bool
+  remat: str
+  cpu_kernels: bool
+
+
+def level_blocks(
+  owner: LevelSettings, block_cls: type[nn.Module], depth: int, item_chunks: int, **block_kwargs: Any
+) -> BlockStack:
+  """The `depth` blocks of a level or head, with its dtypes, kernels, scan and remat settings.
+
+  `block_kwargs` are the block's own (width, heads, causal, dropout); CPU
+  kernels also apply stacks up to `LOOP_MAX_DEPTH` deep as a loop.
+  """
+  kwargs = dict(block_kwargs, dtype=owner.dtype, param_dtype=owner.param_dtype, cpu_kernels=owner.cpu_kernels)
+  loop_depth = LOOP_MAX_DEPTH if owner.cpu_kernels else 0
+  return BlockStack(block_cls, kwargs, depth, owner.scan, owner.remat, loop_depth=loop_depth, item_chunks=item_chunks)
 
 
 class BlockStack(nn.Module):

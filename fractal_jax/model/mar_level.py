@@ -27,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fractal_jax.model.block_stack import LOOP_MAX_DEPTH, BlockStack
+from fractal_jax.model.block_stack import level_blocks
 from fractal_jax.model.blocks import TimmBlock
 from fractal_jax.model.layers import dense, layer_norm
 from fractal_jax.model.model_config import LevelSpec
@@ -72,24 +72,16 @@ class MARLevel(nn.Module):
         remat=self.remat,
         cpu_kernels=self.cpu_kernels,
       )
-    block_kwargs = dict(
+    self.layers = level_blocks(
+      self,
+      TimmBlock,
+      spec.depth,
+      spec.item_chunks,
       width=spec.width,
       heads=spec.heads,
       causal=False,
       attn_dropout=self.attn_dropout,
       proj_dropout=self.proj_dropout,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      cpu_kernels=self.cpu_kernels,
-    )
-    self.layers = BlockStack(
-      TimmBlock,
-      block_kwargs,
-      spec.depth,
-      self.scan,
-      self.remat,
-      loop_depth=LOOP_MAX_DEPTH if self.cpu_kernels else 0,
-      item_chunks=spec.item_chunks,
     )
     self.norm = layer_norm(self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
 

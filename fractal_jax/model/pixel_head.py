@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from fractal_jax.model.block_stack import LOOP_MAX_DEPTH, BlockStack
+from fractal_jax.model.block_stack import level_blocks
 from fractal_jax.model.blocks import KVCache, TimmBlock
 from fractal_jax.model.layers import dense, layer_norm
 
@@ -103,22 +103,8 @@ class PixelHead(nn.Module):
     ]
     self.cond_proj = dense(self.width, ("cond", "embed"), self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
     self.ln = layer_norm(self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
-    block_kwargs = dict(
-      width=self.width,
-      heads=self.heads,
-      causal=True,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      cpu_kernels=self.cpu_kernels,
-    )
-    self.layers = BlockStack(
-      TimmBlock,
-      block_kwargs,
-      self.depth,
-      self.scan,
-      self.remat,
-      loop_depth=LOOP_MAX_DEPTH if self.cpu_kernels else 0,
-      item_chunks=self.item_chunks,
+    self.layers = level_blocks(
+      self, TimmBlock, self.depth, self.item_chunks, width=self.width, heads=self.heads, causal=True
     )
     self.norm = layer_norm(self.dtype, self.param_dtype, cpu_kernels=self.cpu_kernels)
 
