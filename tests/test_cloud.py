@@ -251,11 +251,12 @@ def test_gs_sample_nll_fid_and_a_bad_newest_step(gs_runs):
   assert second.returncode == 0 and "1 shards already done" in second.stdout, second.stderr[-3000:]
   assert json.loads(paths.path(f"{out}/fid.json").read_text())["fid"] == pytest.approx(figures["fid"], rel=1e-6)
 
-  # The newest step damaged (three data files truncated): sample names it and the --step to use instead; with
+  # The newest step damaged (every params data file truncated: which files hold which arrays varies from run to
+  # run, so cutting a few may leave every array readable): sample names it and the --step to use instead; with
   # that --step it samples.
   newest, older = committed(workdir)[-1], committed(workdir)[-2]
   data = paths.path(f"{workdir}/checkpoints/{newest}/params/ocdbt.process_0/d")
-  for name in sorted(p.name for p in data.iterdir())[:3]:
+  for name in [p.name for p in data.iterdir()]:
     (data / name).write_bytes((data / name).read_bytes()[:20])
   sample_flags = ("--mode=sample", f"--checkpoint={workdir}", "--labels=1,2,3")
   outputs = (f"--output={out}/grid.png", f"--output_dir={out}/images", f"--gif={out}/gen.gif")
