@@ -7,9 +7,14 @@
 SMALL models (the official CPU harness's sizes): 32x32 images, levels
 32/4/1, widths 256/128/64, depths 4/2/1, heads 4/4/2, 10 classes; AR,AR
 (num_conds 1) and MAR,MAR (num_conds 5); batch 16. FLOPs per step come from
-XLA's cost analysis of the compiled step (2 per multiply-add); the peak is
+XLA's cost analysis of the compiled step (2 per multiply-add; a scanned
+block stack's body counts once, so deep stacks read low); the peak is
 this machine's measured float32 matmul rate (a 2048^3 product; bf16 is
-compared against the same float32 peak). Prints a table of medians.
+compared against the same float32 peak). On a chip with published
+specifications (`fractal_jax.parallel.accelerators.CHIPS`: TPUs, H100, H200)
+the last column is the MFU as `--mode=aot` estimates it: model FLOPs (3x the
+loss's forward, every block counted) per second over the chip's bf16 peak.
+Prints a table of medians.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ import numpy as np  # noqa: E402
 
 from fractal_jax.config import base_config, load_config_file  # noqa: E402
 from fractal_jax.model import fractal, model_config  # noqa: E402
-from fractal_jax.train import optimizer, train_step  # noqa: E402
+from fractal_jax.parallel import accelerators  # noqa: E402
+from fractal_jax.train import aot, optimizer, train_step  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = dict(img_size_list=(32, 4, 1), widths=(256, 128, 64), depths=(4, 2, 1), heads=(4, 4, 2), num_classes=10)
@@ -92,7 +98,10 @@ def measure(model_cfg, batch: int, dtype: str, repeats: int) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   seconds = statistics.median(times)
-  return dict(seconds=seconds, images_per_s=batch / seconds, flops=flops, compile_s=compile_s)
+  model_cfg = model_cfg.copy_and_resolve_references()
+  model_cfg.dtype = dtype
+  model_flops = aot.training_model_flops(model_config.settings(model_cfg), batch)
+  return dict(seconds=seconds, images_per_s=batch / seconds, flops=flops, model_flops=model_flops, compile_s=compile_s)
 
 
 def demo_nll(checkpoint: str, max_images: int) -> None:
@@ -124,6 +133,7 @@ def main() -> None:
   parser.add_argument("--paper", action="store_true", help="also the five paper configs")
   parser.add_argument("--only", default="", help="comma-separated subset: tiny,small_ar,small_mar,<paper config>")
   parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--remat_policy", default="", help="every model's config.model.remat_policy (default: its own)")
   parser.add_argument("--demo_checkpoint", default="", help="a configs/demo.py workdir: print its NLL in both dtypes")
   parser.add_argument("--demo_images", type=int, default=300)
   args = parser.parse_args()
@@ -137,12 +147,18 @@ def main() -> None:
       cases[name] = load_config_file(str(ROOT / "configs" / f"{name}.py")).model
   if args.only:
     cases = {k: v for k, v in cases.items() if k in args.only.split(",")}
+  if args.remat_policy:
+    for model_cfg in cases.values():
+      model_cfg.remat_policy = args.remat_policy
   peak = matmul_peak()
+  chip = accelerators.CHIPS.get(jax.devices()[0].device_kind)
   print(f"devices: {jax.devices()}")
   print(f"measured float32 matmul peak: {peak / 1e9:.0f} GFLOP/s")
+  if chip:
+    print(f"published specification: {chip.name}, {chip.peak_flops / 1e12:.0f} TFLOP/s bf16 (the MFU column)")
   print(
     f"{'model':<22}{'dtype':>10}{'batch':>6}{'s/step':>9}{'images/s':>10}{'GFLOP/step':>12}{'GFLOP/s':>9}"
-    f"{'of peak':>9}{'compile s':>11}"
+    f"{'of peak':>9}{'compile s':>11}{'MFU':>7}"
   )
   for name, model_cfg in cases.items():
     for dtype in args.dtypes.split(","):
@@ -150,7 +166,8 @@ def main() -> None:
       rate = r["flops"] / r["seconds"]
       print(
         f"{name:<22}{dtype:>10}{args.batch:>6}{r['seconds']:>9.3f}{r['images_per_s']:>10.2f}"
-        f"{r['flops'] / 1e9:>12.1f}{rate / 1e9:>9.1f}{rate / peak:>9.2f}{r['compile_s']:>11.1f}",
+        f"{r['flops'] / 1e9:>12.1f}{rate / 1e9:>9.1f}{rate / peak:>9.2f}{r['compile_s']:>11.1f}"
+        f"{format(r['model_flops'] / r['seconds'] / chip.peak_flops, '.1%') if chip else '-':>7}",
         flush=True,
       )
   if args.demo_checkpoint:

@@ -75,7 +75,10 @@ _OUTPUT_DIR = flags.DEFINE_string(
   "output_dir", None, "Directory for many outputs: sample, edit: one PNG per image; fid: the shards (a rerun resumes)."
 )
 _TOPOLOGY = flags.DEFINE_string(
-  "topology", None, "aot: the TPU slice to compile for, as Cloud TPU names it (v5p-64, v5litepod-16, v6e-8, ...)."
+  "topology",
+  None,
+  "aot: the TPU slice to compile for, as Cloud TPU names it (v5p-64, v5litepod-16, v6e-8, ...); "
+  "without it, the TPU or GPU chips attached to this machine.",
 )
 _GIF = flags.DEFINE_string(
   "gif", None, "sample, edit: animated GIF (*.gif) of the first batch after each level-0 step."
@@ -219,7 +222,7 @@ def main(argv: Sequence[str]) -> None:
     checks.apply_seed(config, _MODE.value, _SEED.value, _override_given("seed"))
   except (model_config.ConfigError, config_lib.ConfigFileError) as error:
     config_lib.fail(str(error))
-  if _MODE.value == "aot":  # compiles for devices described by libtpu: the host computes nothing, on its CPU
+  if _MODE.value == "aot" and _TOPOLOGY.value:  # compiles for devices described by libtpu, on the host's CPU
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   from fractal_jax.parallel import distributed

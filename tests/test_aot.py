@@ -94,6 +94,16 @@ def test_a_batch_too_large_for_the_chip_is_refused(tmp_path):
   assert "config.model.item_chunks, now ()" in lines[0]
 
 
+def test_without_a_topology_it_needs_attached_chips(tmp_path):
+  # No --topology: the chips attached to the machine (a TPU VM, a GPU machine); on this CPU-only one a single line
+  # says what to do, before any compile.
+  result = _aot(tmp_path)
+  assert result.returncode == 2, result.stdout + result.stderr
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: no TPU or GPU is attached here"), result.stderr
+  assert "--topology" in lines[0] and "v5p-64" in lines[0] and not result.stdout
+
+
 TEMPORARIES = """
 import json, sys
 from fractal_jax.config import load_config_file

@@ -3,6 +3,10 @@
     python -m fractal_jax.main --config=configs/fractalmar_64.py --mode=aot --topology=v5p-64 \
       --config.model.remat_policy=full --config.model.dtype=bfloat16
 
+Without `--topology` it compiles for the chips attached to the machine (a
+TPU VM, a GPU machine; on a CPU-only one that is a one-line error), for
+setting a run's estimate beside what the same chips measure.
+
 Prints, per chip and per program, the memory the compiler needs against the
 chip's HBM, the work per call and estimated speed (`fractal_jax.train.aot`);
 `--output` writes the figures as JSON. A program that does not fit ends the
@@ -67,12 +71,15 @@ def _compile(fn: Any, config: Any, chip: accelerators.ChipSpec, program: str) ->
 
 def run(config: Any, topology: str | None, output: str | None) -> dict[str, Any]:
   """Checks, compiles both programs for the slice, prints their figures; returns them."""
-  if not topology:
-    raise model_config.ConfigError(f"--topology is required for --mode=aot, e.g. {accelerators.EXAMPLES}")
-  slice_ = accelerators.parse_slice(topology)
-  model_settings = model_config.settings(config.model, platform="tpu")
+  if topology:
+    slice_ = accelerators.parse_slice(topology)
+    devices = accelerators.tpu_devices(slice_)
+    target, where = slice_.topology, f"{slice_.name} ({slice_.topology})"
+  else:
+    devices = accelerators.attached_devices()
+    target, where = "attached", f"attached to this machine ({devices[0].platform})"
+  model_settings = model_config.settings(config.model, platform=devices[0].platform)
   batch, accum = int(config.train.global_batch), int(config.train.grad_accum_steps)
-  devices = accelerators.tpu_devices(slice_)
   chip = accelerators.chip_spec(devices)
   mesh = mesh_lib.make_mesh(config.mesh_shape, devices)
   per_step = mesh_lib.batch_size_per_step(mesh)
@@ -84,14 +91,14 @@ def run(config: Any, topology: str | None, output: str | None) -> dict[str, Any]
   from fractal_jax.train import aot
 
   print(
-    f"{slice_.name} ({slice_.topology}): {len(devices)} chips {chip.name}, {chip.hbm_bytes / GIB:.0f} GiB HBM, "
+    f"{where}: {len(devices)} chips {chip.name}, {chip.hbm_bytes / GIB:.0f} GiB HBM, "
     f"{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bandwidth / 1e12:.2f} TB/s (published specifications)\n"
     f"mesh {dict(mesh.shape)}; training: global batch {batch} ({batch / len(devices):g} images per chip), "
     f"grad_accum_steps {accum}, remat {model_settings.remat_policy}, dtype {model_settings.dtype}, "
     f"kernels {model_settings.kernels}",
     flush=True,
   )
-  figures: dict[str, Any] = {"topology": slice_.topology, "chips": len(devices), "chip": chip.name}
+  figures: dict[str, Any] = {"topology": target, "chips": len(devices), "chip": chip.name}
   reports = {
     "train_step": lambda: aot.train_step_report(config, model_settings, mesh, chip.hbm_bytes),
     "sampler": lambda: aot.sampler_report(config, model_settings, mesh),

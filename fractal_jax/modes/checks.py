@@ -384,11 +384,11 @@ def _check_aot(config: Any, flag_values: Flags, model_settings: Any) -> None:
   del config, model_settings
   from fractal_jax.parallel import accelerators
 
-  _require(bool(flag_values["topology"]), f"--topology is required for --mode=aot, e.g. {accelerators.EXAMPLES}")
-  try:
-    accelerators.parse_slice(flag_values["topology"])
-  except accelerators.TopologyError as error:
-    raise ConfigError(str(error)) from None
+  if flag_values["topology"]:  # without it: the attached TPU or GPU chips (checked once JAX has started)
+    try:
+      accelerators.parse_slice(flag_values["topology"])
+    except accelerators.TopologyError as error:
+      raise ConfigError(str(error)) from None
   path_checks.check_output_file("--output", flag_values["output"], (".json",), "the figures")
 
 

@@ -106,8 +106,8 @@ def parse_slice(name: str) -> Slice:
   if re.match(r"(h100|h200|a100|b200|gpu)", text):
     raise TopologyError(
       f"--topology={name}: GPUs cannot be compiled for without one: JAX's CUDA plugin (jax 0.10.2) cannot describe "
-      "a GPU that is not attached (get_topology_desc: 'topology not implemented for cuda'); run --mode=aot on a TPU "
-      "slice name, or compile on the GPU machine itself"
+      "a GPU that is not attached (get_topology_desc: 'topology not implemented for cuda'); on the GPU machine itself, "
+      "run --mode=aot without --topology to compile for its GPUs"
     )
   if text.startswith("v4"):
     raise TopologyError(
@@ -160,6 +160,19 @@ def tpu_devices(slice_: Slice) -> list[Any]:
       raise TopologyError('compiling for TPU needs libtpu: pip install -c constraints.txt -e ".[tpu]"') from None
     raise TopologyError(f"--topology={slice_.name} ({slice_.topology}): libtpu cannot describe it: {error}") from None
   return list(description.devices)
+
+
+def attached_devices() -> list[Any]:
+  """The TPU or GPU chips of this machine (of every host, in a multi-host run); TopologyError on a CPU-only one."""
+  import jax
+
+  devices = jax.devices()
+  if devices[0].platform == "cpu":
+    raise TopologyError(
+      f"no TPU or GPU is attached here: name a TPU slice to compile for with --topology (e.g. {EXAMPLES}), or run "
+      "--mode=aot without it on a TPU VM or a GPU machine to compile for its chips"
+    )
+  return devices
 
 
 def chip_spec(devices: Sequence[Any]) -> ChipSpec:

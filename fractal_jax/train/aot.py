@@ -125,7 +125,7 @@ def _items_below(levels: Sequence[LevelSpec], index: int, items_per_device: int)
   return compaction.capacity(items_per_device, kinds, seq_lens)
 
 
-def _model_flops(model_settings: ModelSettings, items_per_device: int) -> float:
+def training_model_flops(model_settings: ModelSettings, items_per_device: int) -> float:
   """3x the forward FLOPs of the loss at the items the step runs, per device (forward + backward, no remat)."""
   total = 0.0
   for spec in model_settings.levels:
@@ -276,7 +276,7 @@ def train_step_report(
     optimizer_bytes=_bytes_per_device(state.opt_state),
     **_memory(compiled),
     flops=float("nan"),
-    model_flops=accum * _model_flops(model_settings, micro_per_device),
+    model_flops=accum * training_model_flops(model_settings, micro_per_device),
     hbm_bytes=float("nan"),
     images=batch,
   )
