@@ -67,11 +67,16 @@ def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
   return 2 * size**3 / statistics.median(times)
 
 
-def compiled_step(model_cfg, batch: int, dtype: str = "float32"):
-  """(compiled train step, its state, uint8 images [batch, S, S, 3], labels [batch], compile seconds)."""
+def step_settings(model_cfg, dtype: str) -> model_config.ModelSettings:
+  """The model's settings computing in `dtype` (the config itself is left as it is)."""
   model_cfg = model_cfg.copy_and_resolve_references()
   model_cfg.dtype = dtype
-  settings = model_config.settings(model_cfg)
+  return model_config.settings(model_cfg)
+
+
+def compiled_step(model_cfg, batch: int, dtype: str = "float32"):
+  """(compiled train step, its state, uint8 images [batch, S, S, 3], labels [batch], compile seconds)."""
+  settings = step_settings(model_cfg, dtype)
   model = fractal.build(settings)
   tx = optimizer.make_optimizer(optimizer.learning_rate_schedule(1e-4, 10, 1000))
   state = jax.jit(lambda k: train_step.init_state(fractal.init_params(model, k), tx))(jax.random.key(0))
@@ -98,9 +103,7 @@ def measure(model_cfg, batch: int, dtype: str, repeats: int) -> dict:
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   seconds = statistics.median(times)
-  model_cfg = model_cfg.copy_and_resolve_references()
-  model_cfg.dtype = dtype
-  model_flops = aot.training_model_flops(model_config.settings(model_cfg), batch)
+  model_flops = aot.training_model_flops(step_settings(model_cfg, dtype), batch)
   return dict(seconds=seconds, images_per_s=batch / seconds, flops=flops, model_flops=model_flops, compile_s=compile_s)
 
 

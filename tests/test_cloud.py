@@ -256,8 +256,8 @@ def test_gs_sample_nll_fid_and_a_bad_newest_step(gs_runs):
   # that --step it samples.
   newest, older = committed(workdir)[-1], committed(workdir)[-2]
   data = paths.path(f"{workdir}/checkpoints/{newest}/params/ocdbt.process_0/d")
-  for name in [p.name for p in data.iterdir()]:
-    (data / name).write_bytes((data / name).read_bytes()[:20])
+  for path in list(data.iterdir()):
+    path.write_bytes(path.read_bytes()[:20])
   sample_flags = ("--mode=sample", f"--checkpoint={workdir}", "--labels=1,2,3")
   outputs = (f"--output={out}/grid.png", f"--output_dir={out}/images", f"--gif={out}/gen.gif")
   bad, sample = sandbox.run_together(
